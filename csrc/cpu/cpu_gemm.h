@@ -1,0 +1,24 @@
+// The per-step GEMM of the CPU recurrence, on raw row-major pointers.
+//
+// A step's GEMM is small (bs × H · H × H) and runs T times, so the cost of reaching BLAS matters as
+// much as BLAS itself. When the process has a Fortran BLAS (sgemm_/dgemm_, which torch's own CPU
+// library exports on x86 builds), we call it directly: no tensor, no dispatcher. Otherwise, or when a
+// dimension does not fit BLAS's 32-bit integers, we fall back to ATen's addmm on views of the same
+// memory. FUSED_RNN_CPU_GEMM=aten forces the fallback (tests use it to cover that path).
+#pragma once
+
+#include <cstdint>
+
+namespace fused_rnn::cpu {
+
+// C[m × n] (row stride ldc) = beta · C + A[m × k] (row stride lda) · op(B), where op(B) = Bᵀ for B
+// stored as [n × k] (transpose_b) or B for B stored as [k × n]. beta is 0 or 1.
+template <typename scalar_t>
+void gemm_rowmajor(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda,
+                   const scalar_t* b, int64_t ldb, bool transpose_b, scalar_t beta, scalar_t* c,
+                   int64_t ldc);
+
+// Which path gemm_rowmajor takes in this process: "blas" or "aten".
+const char* gemm_path();
+
+}  // namespace fused_rnn::cpu

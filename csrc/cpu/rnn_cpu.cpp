@@ -1,0 +1,238 @@
+// CPU kernels of fused_rnn::rnn_layer_forward / rnn_layer_backward (math and layout: rnn_layer.h).
+//
+// Forward: P for every step and direction is one GEMM written straight into the output; each step
+// then adds h_{t-1} · W_hhᵀ into its own rows of that output and applies the activation in place.
+// Nothing is allocated per step, and a packed batch only touches the rows it has.
+// Backward: dA starts as a copy of grad_output; one reverse loop per direction turns it into the
+// pre-activation gradient in place; the rest is whole-sequence GEMMs.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "../rnn_layer.h"
+#include "cpu_gemm.h"
+
+namespace fused_rnn::cpu {
+namespace {
+
+// Below this many elements a step's activation is a plain loop; above it, ATen's vectorised,
+// threaded kernel pays for its dispatch.
+constexpr int64_t kAtenActivationMin = 8192;
+
+template <typename scalar_t>
+void activate_rows(scalar_t* c, int64_t rows, int64_t cols, int64_t ld, bool relu) {
+  if (rows * cols >= kAtenActivationMin) {
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+    at::Tensor view = at::from_blob(c, {rows, cols}, {ld, 1}, opts);
+    if (relu) {
+      view.relu_();
+    } else {
+      view.tanh_();
+    }
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* r = c + i * ld;
+    if (relu) {
+      for (int64_t j = 0; j < cols; ++j) r[j] = r[j] < scalar_t(0) ? scalar_t(0) : r[j];
+    } else {
+      for (int64_t j = 0; j < cols; ++j) r[j] = std::tanh(r[j]);
+    }
+  }
+}
+
+// dA ⊙= act'(h), act' read off h as autograd does (tanh: 1 − h²; relu: threshold_backward at 0).
+template <typename scalar_t>
+void times_activation_grad(scalar_t* da, const scalar_t* h, int64_t rows, int64_t cols,
+                           int64_t ld, bool relu) {
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* g = da + i * ld;
+    const scalar_t* y = h + i * ld;
+    if (relu) {
+      for (int64_t j = 0; j < cols; ++j) g[j] = y[j] <= scalar_t(0) ? scalar_t(0) : g[j];
+    } else {
+      for (int64_t j = 0; j < cols; ++j) g[j] = g[j] * (scalar_t(1) - y[j] * y[j]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void copy_rows(scalar_t* dst, int64_t ldd, const scalar_t* src, int64_t lds, int64_t rows,
+               int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ldd, src + i * lds, cols * sizeof(scalar_t));
+}
+
+template <typename scalar_t>
+void add_rows(scalar_t* dst, int64_t ldd, const scalar_t* src, int64_t lds, int64_t rows,
+              int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) dst[i * ldd + j] += src[i * lds + j];
+  }
+}
+
+// One direction of the recurrence over out (rows of stride ld, already holding P). h0 and hn are
+// (B, H) contiguous.
+template <typename scalar_t>
+void recurrence_forward(scalar_t* out, int64_t ld, const scalar_t* h0, const scalar_t* whh,
+                        const StepSchedule& s, int64_t H, bool reverse, bool relu, scalar_t* hn) {
+  const auto& bs = s.bs;
+  const auto& off = s.offset;
+  copy_rows(hn, H, h0, H, s.batch, H);
+  if (!reverse) {
+    for (int64_t t = 0; t < s.steps; ++t) {
+      scalar_t* cur = out + off[t] * ld;
+      const scalar_t* prev = t == 0 ? h0 : out + off[t - 1] * ld;
+      gemm_rowmajor<scalar_t>(bs[t], H, H, prev, t == 0 ? H : ld, whh, H, true, 1, cur, ld);
+      activate_rows(cur, bs[t], H, ld, relu);
+      // Rows [bs[t+1], bs[t]) end here: their state is final.
+      copy_rows(hn + bs[t + 1] * H, H, cur + bs[t + 1] * ld, ld, bs[t] - bs[t + 1], H);
+    }
+  } else {
+    for (int64_t t = s.steps - 1; t >= 0; --t) {
+      scalar_t* cur = out + off[t] * ld;
+      const int64_t cont = bs[t + 1];  // rows that came from step t + 1; the rest start from h0
+      gemm_rowmajor<scalar_t>(cont, H, H, out + off[t + 1] * ld, ld, whh, H, true, 1, cur, ld);
+      gemm_rowmajor<scalar_t>(bs[t] - cont, H, H, h0 + cont * H, H, whh, H, true, 1,
+                              cur + cont * ld, ld);
+      activate_rows(cur, bs[t], H, ld, relu);
+    }
+    if (s.steps > 0) copy_rows(hn, H, out + off[0] * ld, ld, bs[0], H);
+  }
+}
+
+// One direction of BPTT: turns dA (holding dH, rows of stride ld) into the pre-activation gradient in
+// place and writes dh0 (B, H). dhn and dh0 are (B, H) contiguous; out holds h_t.
+template <typename scalar_t>
+void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const scalar_t* dhn,
+                         const scalar_t* whh, const StepSchedule& s, int64_t H, bool reverse,
+                         bool relu, scalar_t* dh0) {
+  const auto& bs = s.bs;
+  const auto& off = s.offset;
+  if (s.steps == 0) {
+    copy_rows(dh0, H, dhn, H, s.batch, H);
+    return;
+  }
+  if (!reverse) {
+    for (int64_t t = s.steps - 1; t >= 0; --t) {
+      scalar_t* cur = dA + off[t] * ld;
+      const int64_t cont = bs[t + 1];
+      add_rows(cur + cont * ld, ld, dhn + cont * H, H, bs[t] - cont, H);
+      gemm_rowmajor<scalar_t>(cont, H, H, dA + off[t + 1] * ld, ld, whh, H, false, 1, cur, ld);
+      times_activation_grad(cur, out + off[t] * ld, bs[t], H, ld, relu);
+    }
+    gemm_rowmajor<scalar_t>(bs[0], H, H, dA + off[0] * ld, ld, whh, H, false, 0, dh0, H);
+  } else {
+    for (int64_t t = 0; t < s.steps; ++t) {
+      scalar_t* cur = dA + off[t] * ld;
+      if (t == 0) {
+        add_rows(cur, ld, dhn, H, bs[0], H);
+      } else {
+        gemm_rowmajor<scalar_t>(bs[t], H, H, dA + off[t - 1] * ld, ld, whh, H, false, 1, cur, ld);
+      }
+      times_activation_grad(cur, out + off[t] * ld, bs[t], H, ld, relu);
+      const int64_t cont = bs[t + 1];  // rows [cont, bs[t]) started from h0 at this step
+      gemm_rowmajor<scalar_t>(bs[t] - cont, H, H, cur + cont * ld, ld, whh, H, false, 0,
+                              dh0 + cont * H, H);
+    }
+  }
+}
+
+// dW_hh of one direction, Σ_t dA_tᵀ · h_{t-1}, as one GEMM over the sequence. Padded: h_{t-1} is the
+// output shifted by one step (plus hx at the sequence start), a view. Packed: the rows are gathered.
+at::Tensor grad_w_hh(const at::Tensor& dA_d, const at::Tensor& out_d, const at::Tensor& h0,
+                     const StepSchedule& s, bool reverse) {
+  const int64_t B = s.batch, N = s.rows;
+  if (N == 0) return at::zeros({out_d.size(1), out_d.size(1)}, out_d.options());
+  if (!s.packed) {
+    const int64_t lo = reverse ? 0 : B;  // rows of dA whose h_{t-1} is an output row
+    const int64_t first = reverse ? N - B : 0;  // rows of dA whose h_{t-1} is h0
+    at::Tensor g = at::mm(dA_d.narrow(0, first, B).t(), h0);
+    if (N > B) g.addmm_(dA_d.narrow(0, lo, N - B).t(), out_d.narrow(0, reverse ? B : 0, N - B));
+    return g;
+  }
+  at::Tensor prev = at::empty({N, out_d.size(1)}, out_d.options());
+  for (int64_t t = 0; t < s.steps; ++t) {
+    at::Tensor rows = prev.narrow(0, s.offset[t], s.bs[t]);
+    if (!reverse) {
+      rows.copy_(t == 0 ? h0 : out_d.narrow(0, s.offset[t - 1], s.bs[t]));
+    } else {
+      const int64_t cont = s.bs[t + 1];
+      if (cont > 0) rows.narrow(0, 0, cont).copy_(out_d.narrow(0, s.offset[t + 1], cont));
+      rows.narrow(0, cont, s.bs[t] - cont).copy_(h0.narrow(0, cont, s.bs[t] - cont));
+    }
+  }
+  return at::mm(dA_d.t(), prev);
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cpu(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases) {
+  const LayerShape s = check_layer_args("fused_rnn::rnn_layer_forward", input, hx, weights,
+                                        batch_sizes, has_biases);
+  const int64_t H = s.hidden, D = s.directions, ld = D * H;
+  const at::Tensor rows = input.reshape({s.schedule.rows, s.input_size}).contiguous();
+  at::Tensor out = input_projection(rows, weights, s);
+  const at::Tensor h0 = hx.contiguous();
+  at::Tensor hn = at::empty_like(h0);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_forward_cpu", [&] {
+    for (int64_t d = 0; d < D; ++d) {
+      const at::Tensor whh = w_hh(weights, s, d).contiguous();
+      recurrence_forward<scalar_t>(out.data_ptr<scalar_t>() + d * H, ld,
+                                   h0[d].data_ptr<scalar_t>(), whh.data_ptr<scalar_t>(),
+                                   s.schedule, H, d == 1, relu, hn[d].data_ptr<scalar_t>());
+    }
+  });
+  std::vector<int64_t> out_sizes = input.sizes().vec();
+  out_sizes.back() = ld;
+  return {out.view(out_sizes), hn};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
+    const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases,
+    std::array<bool, 3> output_mask) {
+  const LayerShape s =
+      check_layer_backward_args("fused_rnn::rnn_layer_backward", grad_output, grad_h_n, input,
+                                hx, weights, output, batch_sizes, has_biases);
+  const int64_t H = s.hidden, D = s.directions, ld = D * H, N = s.schedule.rows;
+  at::Tensor dA = grad_output.reshape({N, ld}).clone(at::MemoryFormat::Contiguous);
+  const at::Tensor out = output.reshape({N, ld}).contiguous();
+  const at::Tensor h0 = hx.contiguous();
+  const at::Tensor dhn = grad_h_n.contiguous();
+  at::Tensor dh0 = at::empty_like(h0);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu", [&] {
+    for (int64_t d = 0; d < D; ++d) {
+      const at::Tensor whh = w_hh(weights, s, d).contiguous();
+      recurrence_backward<scalar_t>(dA.data_ptr<scalar_t>() + d * H, ld,
+                                    out.data_ptr<scalar_t>() + d * H, dhn[d].data_ptr<scalar_t>(),
+                                    whh.data_ptr<scalar_t>(), s.schedule, H, d == 1, relu,
+                                    dh0[d].data_ptr<scalar_t>());
+    }
+  });
+  const bool need_input = output_mask[0], need_hx = output_mask[1], need_w = output_mask[2];
+  std::vector<at::Tensor> grad_weights(need_w ? weights.size() : 0);
+  const at::Tensor rows = input.reshape({N, s.input_size}).contiguous();
+  at::Tensor grad_rows = sequence_gradients(dA, rows, weights, s, need_input, need_w, grad_weights);
+  if (need_w) {
+    for (int64_t d = 0; d < D; ++d) {
+      grad_weights[d * s.per_direction + 1] =
+          grad_w_hh(dA.narrow(1, d * H, H), out.narrow(1, d * H, H), h0[d], s.schedule, d == 1);
+    }
+  }
+  at::Tensor grad_input = need_input ? grad_rows.view(input.sizes()) : at::empty({0}, input.options());
+  return {grad_input, need_hx ? dh0 : at::empty({0}, hx.options()), grad_weights};
+}
+
+}  // namespace
+
+}  // namespace fused_rnn::cpu
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("rnn_layer_forward", &fused_rnn::cpu::rnn_layer_forward_cpu);
+  m.impl("rnn_layer_backward", &fused_rnn::cpu::rnn_layer_backward_cpu);
+}

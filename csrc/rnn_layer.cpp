@@ -1,0 +1,187 @@
+// Argument checks, the step schedule and the whole-sequence GEMMs: the parts of the op contract that
+// do not depend on the device.
+#include "rnn_layer.h"
+
+#include <ATen/ATen.h>
+
+namespace fused_rnn {
+namespace {
+
+void check_same_device_dtype(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& input) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(),
+              " but input is on ", input.device(), "; all tensors must be on one device");
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but input has dtype ", input.scalar_type(),
+              "; all tensors must have one dtype");
+}
+
+void check_sizes(const char* op, const char* name, const at::Tensor& t,
+                 c10::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of size ", expected, ", got ",
+              t.sizes());
+}
+
+StepSchedule padded_schedule(int64_t steps, int64_t batch) {
+  StepSchedule s;
+  s.steps = steps;
+  s.batch = batch;
+  s.rows = steps * batch;
+  s.bs.assign(steps + 1, batch);
+  s.bs[steps] = 0;
+  s.offset.resize(steps + 1);
+  for (int64_t t = 0; t <= steps; ++t) s.offset[t] = t * batch;
+  return s;
+}
+
+StepSchedule packed_schedule(const char* op, const at::Tensor& batch_sizes, int64_t rows,
+                             int64_t batch) {
+  TORCH_CHECK(batch_sizes.device().is_cpu(), op, ": batch_sizes must be a CPU tensor, got one on ",
+              batch_sizes.device());
+  TORCH_CHECK(batch_sizes.scalar_type() == at::kLong, op,
+              ": batch_sizes must have dtype int64, got ", batch_sizes.scalar_type());
+  TORCH_CHECK(batch_sizes.dim() == 1, op, ": batch_sizes must be 1-D, got ", batch_sizes.dim(),
+              "-D");
+  const at::Tensor bs_c = batch_sizes.contiguous();
+  const int64_t* bs = bs_c.data_ptr<int64_t>();
+  StepSchedule s;
+  s.packed = true;
+  s.steps = bs_c.numel();
+  s.batch = batch;
+  s.bs.resize(s.steps + 1);
+  s.offset.resize(s.steps + 1);
+  int64_t total = 0;
+  for (int64_t t = 0; t < s.steps; ++t) {
+    TORCH_CHECK(bs[t] > 0, op, ": batch_sizes must be positive, got ", bs[t], " at step ", t);
+    TORCH_CHECK(t == 0 || bs[t] <= bs[t - 1], op,
+                ": batch_sizes must be non-increasing (sequences sorted by decreasing length), got ",
+                bs[t], " after ", bs[t - 1], " at step ", t);
+    s.bs[t] = bs[t];
+    s.offset[t] = total;
+    total += bs[t];
+  }
+  s.bs[s.steps] = 0;
+  s.offset[s.steps] = total;
+  s.rows = total;
+  TORCH_CHECK(s.steps == 0 || s.bs[0] == batch, op, ": batch_sizes[0] (", s.steps ? s.bs[0] : 0,
+              ") must equal the hidden state's batch size hx.size(1) (", batch, ")");
+  TORCH_CHECK(total == rows, op, ": batch_sizes sum to ", total, " but input has ", rows, " rows");
+  return s;
+}
+
+}  // namespace
+
+LayerShape check_layer_args(const char* op, const at::Tensor& input, const at::Tensor& hx,
+                            at::TensorList weights, const std::optional<at::Tensor>& batch_sizes,
+                            bool has_biases) {
+  TORCH_CHECK(input.defined(), op, ": input is undefined");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
+              ": input must have a floating point dtype, got ", input.scalar_type());
+  const bool packed = batch_sizes.has_value() && batch_sizes->defined();
+  const int64_t want_dim = packed ? 2 : 3;
+  TORCH_CHECK(input.dim() == want_dim, op, ": input must be ", want_dim, "-D (",
+              packed ? "packed rows (N, input_size)" : "padded (seq_len, batch, input_size)",
+              "), got ", input.dim(), "-D");
+  check_same_device_dtype(op, "hx", hx, input);
+  TORCH_CHECK(hx.dim() == 3, op, ": hx must be 3-D (directions, batch, hidden_size), got ",
+              hx.dim(), "-D");
+  LayerShape s;
+  s.directions = hx.size(0);
+  TORCH_CHECK(s.directions == 1 || s.directions == 2, op,
+              ": hx.size(0) is the number of directions and must be 1 or 2, got ", s.directions);
+  s.hidden = hx.size(2);
+  s.input_size = input.size(-1);
+  s.per_direction = has_biases ? 4 : 2;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == s.directions * s.per_direction, op,
+              ": expected ", s.directions * s.per_direction, " weights (", s.directions,
+              " direction(s) × ", has_biases ? "w_ih, w_hh, b_ih, b_hh" : "w_ih, w_hh",
+              "), got ", weights.size());
+  for (int64_t d = 0; d < s.directions; ++d) {
+    const std::string sfx = "[" + std::to_string(d * s.per_direction);
+    const at::Tensor* w = &weights[d * s.per_direction];
+    check_same_device_dtype(op, ("w_ih (weights" + sfx + "])").c_str(), w[0], input);
+    check_sizes(op, "w_ih", w[0], {s.hidden, s.input_size});
+    check_same_device_dtype(op, "w_hh", w[1], input);
+    check_sizes(op, "w_hh", w[1], {s.hidden, s.hidden});
+    if (has_biases) {
+      check_same_device_dtype(op, "b_ih", w[2], input);
+      check_sizes(op, "b_ih", w[2], {s.hidden});
+      check_same_device_dtype(op, "b_hh", w[3], input);
+      check_sizes(op, "b_hh", w[3], {s.hidden});
+    }
+  }
+  if (packed) {
+    s.schedule = packed_schedule(op, *batch_sizes, input.size(0), hx.size(1));
+  } else {
+    TORCH_CHECK(hx.size(1) == input.size(1), op, ": hx.size(1) (", hx.size(1),
+                ") must equal the input's batch size input.size(1) (", input.size(1), ")");
+    s.schedule = padded_schedule(input.size(0), input.size(1));
+  }
+  return s;
+}
+
+LayerShape check_layer_backward_args(const char* op, const at::Tensor& grad_output,
+                                     const at::Tensor& grad_h_n, const at::Tensor& input,
+                                     const at::Tensor& hx, at::TensorList weights,
+                                     const at::Tensor& output,
+                                     const std::optional<at::Tensor>& batch_sizes,
+                                     bool has_biases) {
+  LayerShape s = check_layer_args(op, input, hx, weights, batch_sizes, has_biases);
+  std::vector<int64_t> out_sizes = input.sizes().vec();
+  out_sizes.back() = s.directions * s.hidden;
+  check_same_device_dtype(op, "output", output, input);
+  check_sizes(op, "output", output, out_sizes);
+  check_same_device_dtype(op, "grad_output", grad_output, input);
+  check_sizes(op, "grad_output", grad_output, out_sizes);
+  check_same_device_dtype(op, "grad_h_n", grad_h_n, input);
+  check_sizes(op, "grad_h_n", grad_h_n, hx.sizes());
+  return s;
+}
+
+at::Tensor stacked_w_ih(at::TensorList weights, const LayerShape& s) {
+  if (s.directions == 1) return w_ih(weights, s, 0);
+  return at::cat({w_ih(weights, s, 0), w_ih(weights, s, 1)}, 0);
+}
+
+at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights,
+                            const LayerShape& s) {
+  const int64_t dh = s.directions * s.hidden;
+  at::Tensor out = at::empty({s.schedule.rows, dh}, input_rows.options());
+  const at::Tensor w = stacked_w_ih(weights, s);
+  if (s.per_direction == 4) {
+    std::vector<at::Tensor> biases;
+    for (int64_t d = 0; d < s.directions; ++d) {
+      biases.push_back(weights[d * 4 + 2] + weights[d * 4 + 3]);
+    }
+    const at::Tensor bias = s.directions == 1 ? biases[0] : at::cat(biases, 0);
+    at::addmm_out(out, bias, input_rows, w.t());
+  } else {
+    at::mm_out(out, input_rows, w.t());
+  }
+  return out;
+}
+
+at::Tensor sequence_gradients(const at::Tensor& dA, const at::Tensor& input_rows,
+                              at::TensorList weights, const LayerShape& s, bool need_input,
+                              bool need_weights, std::vector<at::Tensor>& grad_weights) {
+  at::Tensor grad_input_rows;
+  if (need_input) grad_input_rows = at::mm(dA, stacked_w_ih(weights, s));
+  if (need_weights) {
+    const at::Tensor dw_ih = at::mm(dA.t(), input_rows);  // (D·H, I)
+    const at::Tensor db = s.per_direction == 4 ? dA.sum(0) : at::Tensor();
+    for (int64_t d = 0; d < s.directions; ++d) {
+      const int64_t base = d * s.per_direction;
+      grad_weights[base + 0] = dw_ih.narrow(0, d * s.hidden, s.hidden).contiguous();
+      if (s.per_direction == 4) {
+        // b_ih and b_hh enter the sum identically, so they share a gradient; separate tensors,
+        // since op outputs may not alias each other.
+        grad_weights[base + 2] = db.narrow(0, d * s.hidden, s.hidden).clone();
+        grad_weights[base + 3] = db.narrow(0, d * s.hidden, s.hidden).clone();
+      }
+    }
+  }
+  return grad_input_rows;
+}
+
+}  // namespace fused_rnn

@@ -1,0 +1,84 @@
+// The op contract shared by every backend: argument checks and the step schedule.
+//
+// One op call runs one layer of an Elman RNN, one or two directions (D = hx.size(0)):
+//
+//   P   = X · W_ihᵀ + (b_ih + b_hh)          one GEMM for all steps and both directions
+//   h_t = act(P_t + h_{t-1} · W_hhᵀ)         the recurrence, per direction
+//
+// Backward, with a_t the pre-activation and act' read off h_t (tanh: 1 − h², relu: h > 0):
+//
+//   dA_t  = (dH_t + dA_{t+1} · W_hh) ⊙ act'(h_t)    sequential, in the opposite order to the forward
+//   dW_hh = Σ_t dA_tᵀ · h_{t-1},  dW_ih = dAᵀ · X,  dX = dA · W_ih,  db = Σ dA,  dh0 = dA_first · W_hh
+//
+// Layout. Padded input is (T, B, I); packed input is (N, I) with batch_sizes (T,) on the CPU, rows of
+// step t at offset[t] .. offset[t] + batch_sizes[t], batch sizes non-increasing (PackedSequence's
+// layout). Both are the same thing to the kernels: N rows in T blocks; padded is the case bs[t] = B.
+// Output rows have D·H columns, direction d in columns [d·H, (d+1)·H), as nn.RNN concatenates them.
+// weights holds, per direction, w_ih (H, I), w_hh (H, H) and, with biases, b_ih (H), b_hh (H).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace fused_rnn {
+
+// Where each step's rows live. bs has T + 1 entries, the last one 0, so that the rows of step t that
+// have no step t + 1 (their sequence ends at t) are [bs[t + 1], bs[t]) for every t.
+struct StepSchedule {
+  int64_t steps = 0;          // T
+  int64_t batch = 0;          // B = bs[0] (the hidden state's batch)
+  int64_t rows = 0;           // N = Σ bs[t]
+  bool packed = false;
+  std::vector<int64_t> bs;      // T + 1 entries
+  std::vector<int64_t> offset;  // T + 1 entries, offset[T] = N
+};
+
+// The sizes every backend reads off the arguments once they have been checked.
+struct LayerShape {
+  int64_t directions;   // D
+  int64_t hidden;       // H
+  int64_t input_size;   // I
+  int64_t per_direction;  // 4 with biases, 2 without
+  StepSchedule schedule;
+};
+
+// Checks input, hx, weights and batch_sizes against each other (device, dtype, rank, sizes, layout of
+// batch_sizes) and returns the shape. `op` names the op in messages.
+LayerShape check_layer_args(const char* op, const at::Tensor& input, const at::Tensor& hx,
+                            at::TensorList weights, const std::optional<at::Tensor>& batch_sizes,
+                            bool has_biases);
+
+// Checks a backward call: the forward's arguments, plus grad_output/output shaped like the forward's
+// output and grad_h_n like h_n.
+LayerShape check_layer_backward_args(const char* op, const at::Tensor& grad_output,
+                                     const at::Tensor& grad_h_n, const at::Tensor& input,
+                                     const at::Tensor& hx, at::TensorList weights,
+                                     const at::Tensor& output,
+                                     const std::optional<at::Tensor>& batch_sizes, bool has_biases);
+
+inline const at::Tensor& w_ih(at::TensorList weights, const LayerShape& s, int64_t d) {
+  return weights[d * s.per_direction + 0];
+}
+inline const at::Tensor& w_hh(at::TensorList weights, const LayerShape& s, int64_t d) {
+  return weights[d * s.per_direction + 1];
+}
+
+// The input projection for all steps and directions, P = X · [W_ih_0; W_ih_1]ᵀ + (b_ih + b_hh), written
+// into a new (N, D·H) tensor that the recurrence then updates in place. Device-generic (ATen GEMM).
+at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights,
+                            const LayerShape& s);
+
+// [W_ih_0; W_ih_1] as one (D·H, I) matrix (no copy for D = 1).
+at::Tensor stacked_w_ih(at::TensorList weights, const LayerShape& s);
+
+// The gradients that are one GEMM or one reduction over the whole sequence, from dA (N, D·H):
+// dX = dA · W_ih (when need_input), dW_ih = dAᵀ · X and db = Σ dA (when need_weights). Fills
+// grad_weights' w_ih and bias slots; w_hh slots are the caller's.
+at::Tensor sequence_gradients(const at::Tensor& dA, const at::Tensor& input_rows,
+                              at::TensorList weights, const LayerShape& s, bool need_input,
+                              bool need_weights, std::vector<at::Tensor>& grad_weights);
+
+}  // namespace fused_rnn

@@ -1,0 +1,57 @@
+"""Multi-layer orchestration above the one-layer op: layers, directions, dropout, dtypes.
+
+Everything here works on time-major data: padded (T, B, I) or packed rows (N, I) with batch_sizes.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _ops, _reference
+
+# Dtypes the fused kernels compute in; others take the differentiable reference path on the CPU,
+# which gives nn.RNN's behaviour (same ops) for them.
+_FUSED_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _layer(input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor],
+           relu: bool, has_biases: bool) -> Tuple[Tensor, Tensor]:
+    if input.device.type == "cpu" and input.dtype not in _FUSED_CPU_DTYPES:
+        return _reference.rnn_layer_forward(input, hx, weights, batch_sizes, relu, has_biases)
+    return _ops.rnn_layer(input, hx, weights, batch_sizes, relu, has_biases)
+
+
+def rnn(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]],
+        batch_sizes: Optional[Tensor], relu: bool, has_biases: bool, num_layers: int,
+        dropout: float, train: bool, bidirectional: bool) -> Tuple[Tensor, Tensor]:
+    """A stack of Elman RNN layers.
+
+    Args:
+        input: padded (T, B, I) or, with batch_sizes, packed rows (N, I).
+        hx: (num_layers · D, B, H) initial hidden state.
+        weights: per layer and direction, [w_ih, w_hh] or [w_ih, w_hh, b_ih, b_hh]
+            (nn.RNN's ``all_weights`` order).
+        batch_sizes: PackedSequence.batch_sizes, or None for padded input.
+        relu: ReLU instead of tanh.
+        dropout, train: dropout on each layer's output but the last, in training (as nn.RNN).
+
+    Returns:
+        (output, h_n): output (T, B, D·H) or (N, D·H); h_n like hx.
+    """
+    directions = 2 if bidirectional else 1
+    layer_input = input
+    h_n = []
+    for layer in range(num_layers):
+        layer_weights = [w for d in range(directions) for w in weights[layer * directions + d]]
+        hx_layer = hx[layer * directions:(layer + 1) * directions]
+        output, hn = _layer(layer_input, hx_layer, layer_weights, batch_sizes, relu, has_biases)
+        h_n.append(hn)
+        if dropout != 0 and train and layer < num_layers - 1:
+            # Where and how nn.RNN applies it (at::dropout on the layer's output), so the same seed
+            # draws the same mask.
+            output = torch.dropout(output, dropout, True)
+        layer_input = output
+    return layer_input, torch.cat(h_n, 0)

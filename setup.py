@@ -1,0 +1,80 @@
+"""Builds fused_rnn._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA build and
+nvcc is found.
+
+Environment:
+  FUSED_RNN_CUDA=0|1     force the CUDA kernels off, or on (then a missing nvcc is an error)
+  TORCH_CUDA_ARCH_LIST    CUDA targets (default "8.0;9.0+PTX": sm_80, sm_90 and PTX for newer GPUs)
+  MAX_JOBS                parallel compile jobs (default: what the cores and memory allow)
+  FUSED_RNN_SANITIZE=1    build with AddressSanitizer and UndefinedBehaviorSanitizer (CPU only)
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def default_max_jobs():
+    """One job per core, but no more than one per 3 GiB of memory (nvcc peaks near that)."""
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 4.0
+    return max(1, min(cores, int(mem_gib // 3)))
+
+
+def want_cuda():
+    switch = os.environ.get("FUSED_RNN_CUDA", "").strip().lower()
+    if switch in ("0", "false", "off", "no"):
+        return False
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if switch in ("1", "true", "on", "yes"):
+        if not available:
+            raise RuntimeError(
+                "FUSED_RNN_CUDA=1 but CUDA cannot be built: "
+                f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+            )
+        return True
+    return available
+
+
+os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+
+sanitize = os.environ.get("FUSED_RNN_SANITIZE") == "1"
+cxx_flags = ["-O3" if not sanitize else "-O1", "-Wall", "-Wextra", "-Werror",
+             "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+link_flags = []
+if sanitize:
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    cxx_flags += san + ["-g"]
+    link_flags += san
+
+sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+use_cuda = want_cuda() and bool(cuda_sources) and not sanitize
+
+if use_cuda:
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                  "-Werror=all-warnings", "-Xptxas=-v,-warn-spills", "-DFUSED_RNN_WITH_CUDA"]
+    ext = CUDAExtension(
+        "fused_rnn._C",
+        sources + cuda_sources,
+        extra_compile_args={"cxx": cxx_flags + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
+        libraries=["cublas"],
+    )
+else:
+    ext = CppExtension("fused_rnn._C", sources, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=link_flags)
+
+setup(
+    name="fused_rnn",
+    packages=["fused_rnn"],
+    package_data={"fused_rnn": ["py.typed"]},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,76 @@
+"""Shared helpers: build an nn.RNN and a fused_rnn.RNN with identical weights, run both, compare."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+import fused_rnn
+
+# Tolerances of the parity contract (issue: float64 within 1e-10, float32 within 1e-5).
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def make_pair(*args, seed=0, device="cpu", dtype=torch.float64, **kwargs):
+    """(nn.RNN, fused_rnn.RNN) built from the same seed: the same weights by construction."""
+    torch.manual_seed(seed)
+    ref = nn.RNN(*args, device=device, dtype=dtype, **kwargs)
+    torch.manual_seed(seed)
+    fused = fused_rnn.RNN(*args, device=device, dtype=dtype, **kwargs)
+    for (n1, p1), (n2, p2) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    return ref, fused
+
+
+def make_input(kind, batch_first, steps, batch, size, *, dtype, device, gen=None):
+    """(x, leaves): x is 'padded', 'packed' (variable lengths, unsorted) or 'unbatched'; leaves are
+    the tensors that require grad and make x (the sequences, for a packed x)."""
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, generator=gen).to(device)
+
+    if kind == "padded":
+        shape = (batch, steps, size) if batch_first else (steps, batch, size)
+        x = randn(*shape).requires_grad_()
+        return x, [x]
+    if kind == "unbatched":
+        x = randn(steps, size).requires_grad_()
+        return x, [x]
+    lengths = [steps] + [int(torch.randint(1, steps + 1, (1,), generator=gen)) for _ in range(batch - 1)]
+    seqs = [randn(n, size).requires_grad_() for n in lengths]
+    return pack_sequence(seqs, enforce_sorted=False), seqs
+
+
+def output_tensor(out):
+    return out.data if isinstance(out, PackedSequence) else out
+
+
+def run_and_grad(module, x, leaves, h0, seed=123):
+    """Forward, then gradients of a random linear functional of (output, h_n) w.r.t. everything."""
+    out, hn = module(x, h0) if h0 is not None else module(x)
+    o = output_tensor(out)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    go = torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)
+    gh = torch.randn(hn.shape, generator=g, dtype=hn.dtype).to(hn.device)
+    loss = (o * go).sum() + (hn * gh).sum()
+    wrt = [p for p in module.parameters()]
+    inputs = list(leaves) + ([h0] if h0 is not None else [])
+    grads = torch.autograd.grad(loss, inputs + wrt, retain_graph=True)
+    return o, hn, grads
+
+
+def assert_close(actual, expected, dtype, what=""):
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
