@@ -10,55 +10,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 
 #include "../rnn_layer.h"
 #include "cpu_gemm.h"
+#include "pointwise.h"
 
 namespace fused_rnn::cpu {
 namespace {
-
-// Below this many elements a step's activation is a plain loop; above it, ATen's vectorised,
-// threaded kernel pays for its dispatch.
-constexpr int64_t kAtenActivationMin = 8192;
-
-template <typename scalar_t>
-void activate_rows(scalar_t* c, int64_t rows, int64_t cols, int64_t ld, bool relu) {
-  if (rows * cols >= kAtenActivationMin) {
-    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-    at::Tensor view = at::from_blob(c, {rows, cols}, {ld, 1}, opts);
-    if (relu) {
-      view.relu_();
-    } else {
-      view.tanh_();
-    }
-    return;
-  }
-  for (int64_t i = 0; i < rows; ++i) {
-    scalar_t* r = c + i * ld;
-    if (relu) {
-      for (int64_t j = 0; j < cols; ++j) r[j] = r[j] < scalar_t(0) ? scalar_t(0) : r[j];
-    } else {
-      for (int64_t j = 0; j < cols; ++j) r[j] = std::tanh(r[j]);
-    }
-  }
-}
-
-// dA ⊙= act'(h), act' read off h as autograd does (tanh: 1 − h²; relu: threshold_backward at 0).
-template <typename scalar_t>
-void times_activation_grad(scalar_t* da, const scalar_t* h, int64_t rows, int64_t cols,
-                           int64_t ld, bool relu) {
-  for (int64_t i = 0; i < rows; ++i) {
-    scalar_t* g = da + i * ld;
-    const scalar_t* y = h + i * ld;
-    if (relu) {
-      for (int64_t j = 0; j < cols; ++j) g[j] = y[j] <= scalar_t(0) ? scalar_t(0) : g[j];
-    } else {
-      for (int64_t j = 0; j < cols; ++j) g[j] = g[j] * (scalar_t(1) - y[j] * y[j]);
-    }
-  }
-}
 
 template <typename scalar_t>
 void copy_rows(scalar_t* dst, int64_t ldd, const scalar_t* src, int64_t lds, int64_t rows,
