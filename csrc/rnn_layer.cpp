@@ -168,16 +168,15 @@ at::Tensor sequence_gradients(const at::Tensor& dA, const at::Tensor& input_rows
   at::Tensor grad_input_rows;
   if (need_input) grad_input_rows = at::mm(dA, stacked_w_ih(weights, s));
   if (need_weights) {
-    const at::Tensor dw_ih = at::mm(dA.t(), input_rows);  // (D·H, I)
-    const at::Tensor db = s.per_direction == 4 ? dA.sum(0) : at::Tensor();
     for (int64_t d = 0; d < s.directions; ++d) {
       const int64_t base = d * s.per_direction;
-      grad_weights[base + 0] = dw_ih.narrow(0, d * s.hidden, s.hidden).contiguous();
+      const at::Tensor dA_d = dA.narrow(1, d * s.hidden, s.hidden);
+      grad_weights[base + 0] = at::mm(dA_d.t(), input_rows);
       if (s.per_direction == 4) {
         // b_ih and b_hh enter the sum identically, so they share a gradient; separate tensors,
         // since op outputs may not alias each other.
-        grad_weights[base + 2] = db.narrow(0, d * s.hidden, s.hidden).clone();
-        grad_weights[base + 3] = db.narrow(0, d * s.hidden, s.hidden).clone();
+        grad_weights[base + 2] = dA_d.sum(0);
+        grad_weights[base + 3] = grad_weights[base + 2].clone();
       }
     }
   }

@@ -100,9 +100,10 @@ def _forward_fake(input, hx, weights, batch_sizes, relu, has_biases):
 def _backward_fake(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu,
                    has_biases, output_mask):
     need_input, need_hx, need_weights = output_mask
-    grad_input = torch.empty_like(input) if need_input else input.new_empty(0)
-    grad_hx = torch.empty_like(hx) if need_hx else hx.new_empty(0)
-    grad_weights = [torch.empty_like(w) for w in weights] if need_weights else []
+    # The kernels return contiguous tensors whatever the layout of their arguments.
+    grad_input = input.new_empty(input.shape) if need_input else input.new_empty(0)
+    grad_hx = hx.new_empty(hx.shape) if need_hx else hx.new_empty(0)
+    grad_weights = [w.new_empty(w.shape) for w in weights] if need_weights else []
     return grad_input, grad_hx, grad_weights
 
 
@@ -150,12 +151,18 @@ def _backward_setup_context(ctx, inputs, output):
 
 
 def _backward_backward(ctx, gg_input, gg_hx, gg_weights):
-    """Second order: the vector-Jacobian product of the reference backward (differentiable)."""
+    """Second order: the vector-Jacobian product of the reference backward (differentiable).
+
+    The partial derivatives are taken with respect to detached copies of the saved tensors: autograd
+    itself chains them through the graph (output, for one, depends on input through the forward).
+    """
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            "fused_rnn: third and higher order gradients are not supported (second order is)")
     saved = ctx.saved_tensors
     batch_sizes, relu, has_biases, output_mask = ctx.args
-    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in saved]
+        leaves = [t.detach().requires_grad_() for t in saved]
         grad_output, grad_h_n, input, hx, out, *weights = leaves
         grad_input, grad_hx, grad_weights = _reference.rnn_layer_backward(
             grad_output, grad_h_n, input, hx, weights, out, batch_sizes, relu, has_biases,
@@ -175,8 +182,7 @@ def _backward_backward(ctx, gg_input, gg_hx, gg_weights):
         if not results:
             grads: Sequence[Optional[Tensor]] = [None] * len(leaves)
         else:
-            grads = torch.autograd.grad(results, leaves, cotangents, allow_unused=True,
-                                        create_graph=create_graph)
+            grads = torch.autograd.grad(results, leaves, cotangents, allow_unused=True)
     g_out, g_hn, g_in, g_hx, g_output, *g_w = grads
     return g_out, g_hn, g_in, g_hx, list(g_w), g_output, None, None, None, None
 

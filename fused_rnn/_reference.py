@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -58,15 +59,16 @@ def rnn_layer_forward(input: Tensor, hx: Tensor, weights: Sequence[Tensor],
     rows = input.reshape(-1, input.size(-1))
     outs, hns = [], []
     for d, w in enumerate(_split(weights, has_biases, directions)):
-        p = rows @ w[0].t()
-        if has_biases:
-            p = p + (w[2] + w[3])
+        # nn.RNN's order of roundings (it matters in reduced precision): P = linear(x, W_ih, b_ih)
+        # for the sequence, then act(linear(h, W_hh, b_hh) + P_t) per step.
+        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+        p = F.linear(rows, w[0], b_ih)
         h0 = hx[d]
         step_out: List[Optional[Tensor]] = [None] * steps
         if d == 0:
             h = h0
             for t in range(steps):
-                new = _act(p[off[t]:off[t] + bs[t]] + h[:bs[t]] @ w[1].t(), relu)
+                new = _act(F.linear(h[:bs[t]], w[1], b_hh) + p[off[t]:off[t] + bs[t]], relu)
                 step_out[t] = new
                 h = torch.cat([new, h[bs[t]:]], 0)
             hn = h
@@ -74,7 +76,7 @@ def rnn_layer_forward(input: Tensor, hx: Tensor, weights: Sequence[Tensor],
             h = h0
             for t in reversed(range(steps)):
                 prev = torch.cat([h[:bs[t + 1]], h0[bs[t + 1]:bs[t]]], 0)
-                h = _act(p[off[t]:off[t] + bs[t]] + prev @ w[1].t(), relu)
+                h = _act(F.linear(prev, w[1], b_hh) + p[off[t]:off[t] + bs[t]], relu)
                 step_out[t] = h
             hn = h
         outs.append(torch.cat(step_out, 0) if steps else p[:0])

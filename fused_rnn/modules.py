@@ -64,7 +64,17 @@ class RNN(nn.RNNBase):
         super().__init__(mode, *args, **kwargs)
 
     def _current_weights(self) -> list:
-        return [[getattr(self, name) for name in names] for names in self._all_weights]
+        """The weights per layer and direction, read now from the module's attributes."""
+        if torch.compiler.is_compiling():
+            flat = [getattr(self, name) for name in self._flat_weights_names]
+        else:
+            # nn.RNN's own refresh, so that weights computed on access (parametrizations such as
+            # spectral_norm, whose power iteration runs on every access in training) are read
+            # exactly as often, and give exactly the values, that nn.RNN would use.
+            self._update_flat_weights()
+            flat = self._flat_weights
+        per = len(self._all_weights[0])
+        return [flat[i:i + per] for i in range(0, len(flat), per)]
 
     def _check_forward_args(self, input: Tensor, hx: Tensor, weight_dtype: torch.dtype,
                             batch_sizes: Optional[Tensor]) -> None:

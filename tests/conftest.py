@@ -16,6 +16,10 @@ import fused_rnn
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 HAS_CUDA = torch.cuda.is_available()
+if HAS_CUDA:
+    # Parity is judged in true float32 on both sides: no TF32 in cuDNN or in matmuls.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
