@@ -1,0 +1,195 @@
+"""Measurement helpers shared by the benchmark runner and the pytest-benchmark suite."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import fused_rnn
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    T: int
+    B: int
+    H: int
+    layers: int = 1
+    bidirectional: bool = False
+    nonlinearity: str = "tanh"
+
+    @property
+    def label(self) -> str:
+        d = "bi" if self.bidirectional else "uni"
+        return f"T{self.T}-B{self.B}-H{self.H}-L{self.layers}-{d}"
+
+    def forward_flops(self) -> float:
+        """Multiply-adds ×2 of the forward: input projection + recurrence, every layer/direction."""
+        d = 2 if self.bidirectional else 1
+        flops = 0.0
+        for layer in range(self.layers):
+            isize = self.H if layer == 0 else self.H * d
+            flops += 2.0 * self.T * self.B * (isize * self.H + self.H * self.H) * d
+        return flops
+
+
+def make_models(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0):
+    """nn.RNN and fused_rnn.RNN with identical weights (input_size = H)."""
+    torch.manual_seed(seed)
+    ref = nn.RNN(shape.H, shape.H, shape.layers, shape.nonlinearity,
+                 bidirectional=shape.bidirectional, device=device, dtype=dtype)
+    fused = fused_rnn.RNN(shape.H, shape.H, shape.layers, shape.nonlinearity,
+                          bidirectional=shape.bidirectional, device=device, dtype=dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def make_input(shape: Shape, device: str, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape.T, shape.B, shape.H, generator=g).to(device=device, dtype=dtype)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable[[], object], device: str) -> float:
+    """Seconds for one call: CUDA events on a GPU, perf_counter on the CPU."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(fns: List[Callable[[], object]], device: str, reps: int,
+                        warmup: int) -> List[float]:
+    """Median seconds of each fn, run alternately (ABAB...) so drift hits all sides alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    synchronize(device)
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            times[i].append(time_once(fn, device))
+    return [statistics.median(t) for t in times]
+
+
+def forward_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run():
+        with torch.no_grad():
+            return model(x)
+    return run
+
+
+def forward_backward_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """Forward and backward of sum(output) + sum(h_n), input and parameters requiring grad."""
+    xg = x.detach().clone().requires_grad_()
+
+    def run():
+        out, hn = model(xg)
+        (out.sum() + hn.sum()).backward()
+        model.zero_grad(set_to_none=True)
+        xg.grad = None
+    return run
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated by torch during fn, above what was allocated before it.
+
+    CUDA: the caching allocator's peak counter. CPU: every allocation and free that the profiler
+    records, replayed in order.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def max_abs_diff(ref_model: nn.Module, fused_model: nn.Module, x: torch.Tensor) -> float:
+    """Largest |difference| over output and h_n, computed in float64."""
+    with torch.no_grad():
+        o1, h1 = ref_model(x)
+        o2, h2 = fused_model(x)
+    return max((o1.double() - o2.double()).abs().max().item(),
+               (h1.double() - h2.double()).abs().max().item())
+
+
+def gemm_gflops(device: str, dtype: torch.dtype = torch.float32, n: int = 2048,
+                reps: int = 10) -> float:
+    """This machine's GEMM rate on large square matrices (the roofline for big shapes)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    (t,) = interleaved_medians([lambda: torch.mm(a, b)], device, reps=reps, warmup=2)
+    return 2.0 * n ** 3 / t / 1e9
+
+
+def progress(done: int, total: int, label: str, width: int = 30) -> str:
+    filled = int(width * done / max(total, 1))
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<32}"
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Largest output difference accepted as 'the same result' over a benchmark-length sequence."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 5e-2)
+
+
+def versions() -> dict:
+    info = {"torch": torch.__version__, "fused_rnn": fused_rnn.__version__,
+            "cuda": torch.version.cuda, "backend_cpu": fused_rnn.backend("cpu")}
+    if torch.cuda.is_available():
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["backend_cuda"] = fused_rnn.backend("cuda")
+    return info
+
+
+def device_name(device: str) -> Tuple[str, Optional[str]]:
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        driver = None
+        try:
+            import subprocess
+
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                     "--format=csv,noheader"], capture_output=True, text=True,
+                                    timeout=30).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            pass
+        return props.name, driver
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)", None

@@ -1,0 +1,228 @@
+"""fused_rnn vs nn.RNN (cuDNN on a GPU): the benchmark users run first (`make bench`).
+
+For every shape of a grid: identical weights on both sides, one process, interleaved runs after
+warm-up; median forward (no_grad) and forward+backward time of each; speedup; the largest output
+difference (a fast wrong answer is reported as FAIL); peak memory of forward+backward. Writes a
+report folder: results.json (every number, device, versions, date), results.md (the table) and
+speedup.png (speedup over B × H).
+
+    python -m bench.run                          # default grid on CUDA if present, else CPU
+    python -m bench.run --grid quick --reps 5
+    python -m bench.run --shapes 100x8x256,50x64x1024 --layers 2 --bidirectional both
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List
+
+import torch
+
+from bench.common import (Shape, default_tolerance, device_name, forward_backward_fn, forward_fn,
+                          gemm_gflops, interleaved_medians, make_input, make_models, max_abs_diff,
+                          peak_memory_bytes, progress, versions)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def grid_shapes(name: str, device: str, layers: List[int], bidirectional: List[bool],
+                steps: int) -> List[Shape]:
+    if device.startswith("cuda"):
+        bs, hs, t = ({"default": ([1, 8, 64, 256], [256, 512, 1024, 2048]),
+                      "quick": ([1, 64], [256, 1024])}[name]) + (steps or 512,)
+    else:
+        bs, hs, t = ({"default": ([1, 8, 32, 64], [64, 256, 512, 1024]),
+                      "quick": ([1, 32], [64, 512])}[name]) + (steps or 64,)
+    return [Shape(t, b, h, layer, bi) for layer, bi, b, h in
+            itertools.product(layers, bidirectional, bs, hs)]
+
+
+def parse_shapes(spec: str, layers: List[int], bidirectional: List[bool]) -> List[Shape]:
+    out = []
+    for item in spec.split(","):
+        t, b, h = (int(v) for v in item.lower().split("x"))
+        out += [Shape(t, b, h, layer, bi) for layer in layers for bi in bidirectional]
+    return out
+
+
+def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: int) -> Dict:
+    ref, fused = make_models(shape, device, dtype)
+    x = make_input(shape, device, dtype)
+    diff = max_abs_diff(ref, fused, x)
+    fwd_ref, fwd_fused = interleaved_medians([forward_fn(ref, x), forward_fn(fused, x)], device,
+                                             reps, warmup)
+    fb_ref_fn, fb_fused_fn = forward_backward_fn(ref, x), forward_backward_fn(fused, x)
+    fb_ref, fb_fused = interleaved_medians([fb_ref_fn, fb_fused_fn], device, reps, warmup)
+    mem_ref = peak_memory_bytes(fb_ref_fn, device)
+    mem_fused = peak_memory_bytes(fb_fused_fn, device)
+    tol = default_tolerance(dtype)
+    return {
+        "shape": shape.label, "T": shape.T, "B": shape.B, "H": shape.H, "layers": shape.layers,
+        "bidirectional": shape.bidirectional,
+        "forward_s": {"nn.RNN": fwd_ref, "fused_rnn": fwd_fused},
+        "forward_backward_s": {"nn.RNN": fb_ref, "fused_rnn": fb_fused},
+        "speedup_forward": fwd_ref / fwd_fused,
+        "speedup_forward_backward": fb_ref / fb_fused,
+        "fused_forward_gflops": shape.forward_flops() / fwd_fused / 1e9,
+        "peak_memory_bytes": {"nn.RNN": mem_ref, "fused_rnn": mem_fused},
+        "max_abs_diff": diff, "tolerance": tol, "correct": bool(diff <= tol),
+    }
+
+
+def summarize(rows: List[Dict], gemm: float, device: str) -> Dict:
+    ok = [r for r in rows if r["correct"]]
+    s: Dict = {"shapes": len(rows), "wrong_results": len(rows) - len(ok)}
+    for key in ("speedup_forward", "speedup_forward_backward"):
+        vals = [r[key] for r in rows]
+        s[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+    s["memory_fused_le_nn_rnn"] = all(
+        r["peak_memory_bytes"]["fused_rnn"] <= r["peak_memory_bytes"]["nn.RNN"] for r in rows)
+    if gemm:
+        s["gemm_gflops"] = gemm
+        large = [r for r in rows if r["H"] >= 512 and r["B"] >= 32]
+        if large:
+            fracs = [r["fused_forward_gflops"] / gemm for r in large]
+            s["large_forward_fraction_of_gemm"] = {"median": statistics.median(fracs),
+                                                   "min": min(fracs)}
+    return s
+
+
+def markdown(report: Dict) -> str:
+    m = report["meta"]
+    lines = [f"# fused_rnn vs nn.RNN — {m['device']} — {m['date']}", "",
+             f"dtype {m['dtype']}, torch {m['versions']['torch']}"
+             + (f", CUDA {m['versions']['cuda']}, cuDNN {m['versions'].get('cudnn')}"
+                if m["device_type"] == "cuda" else "")
+             + (f", TF32 {'on' if m['tf32'] else 'off'} on both sides"
+                if m["device_type"] == "cuda" else "")
+             + f", medians of {m['reps']} interleaved runs after {m['warmup']} warm-up.", "",
+             "| shape | fwd nn.RNN ms | fwd fused ms | fwd × | fwd+bwd nn.RNN ms | "
+             "fwd+bwd fused ms | fwd+bwd × | peak MiB nn.RNN / fused | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        f, fb, mem = r["forward_s"], r["forward_backward_s"], r["peak_memory_bytes"]
+        lines.append(
+            f"| {r['shape']} | {f['nn.RNN'] * 1e3:.3f} | {f['fused_rnn'] * 1e3:.3f} | "
+            f"{r['speedup_forward']:.2f} | {fb['nn.RNN'] * 1e3:.3f} | {fb['fused_rnn'] * 1e3:.3f} | "
+            f"{r['speedup_forward_backward']:.2f} | {mem['nn.RNN'] / 2**20:.1f} / "
+            f"{mem['fused_rnn'] / 2**20:.1f} | {r['max_abs_diff']:.1e}"
+            f"{'' if r['correct'] else ' **FAIL**'} |")
+    s = report["summary"]
+    lines += ["", f"Speedup forward: median {s['speedup_forward']['median']:.2f}×, min "
+              f"{s['speedup_forward']['min']:.2f}×, max {s['speedup_forward']['max']:.2f}×.",
+              f"Speedup forward+backward: median {s['speedup_forward_backward']['median']:.2f}×, "
+              f"min {s['speedup_forward_backward']['min']:.2f}×, max "
+              f"{s['speedup_forward_backward']['max']:.2f}×.",
+              f"Peak memory of forward+backward ≤ nn.RNN's at every shape: "
+              f"{'yes' if s['memory_fused_le_nn_rnn'] else 'no'}.",
+              f"Wrong results: {s['wrong_results']} of {s['shapes']}."]
+    if "gemm_gflops" in s:
+        lines.append(f"GEMM rate (2048² {m['dtype']}): {s['gemm_gflops']:.0f} GFLOP/s.")
+    if "large_forward_fraction_of_gemm" in s:
+        fr = s["large_forward_fraction_of_gemm"]
+        lines.append(f"Fused forward on large shapes (H ≥ 512, B ≥ 32): median "
+                     f"{fr['median'] * 100:.0f}% of the GEMM rate, min {fr['min'] * 100:.0f}%.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["rows"]
+    configs = sorted({(r["layers"], r["bidirectional"]) for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, title in ((axes[0], "speedup_forward", "forward"),
+                           (axes[1], "speedup_forward_backward", "forward + backward")):
+        for layers, bi in configs:
+            for b in sorted({r["B"] for r in rows}):
+                sel = sorted((r for r in rows if r["B"] == b and r["layers"] == layers
+                              and r["bidirectional"] == bi), key=lambda r: r["H"])
+                if sel:
+                    ax.plot([r["H"] for r in sel], [r[key] for r in sel], marker="o",
+                            label=f"B={b} L={layers} {'bi' if bi else 'uni'}")
+        ax.axhline(1.0, color="gray", lw=1, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("hidden size H")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speedup over nn.RNN (×)")
+    axes[1].legend(fontsize=7, ncol=2)
+    m = report["meta"]
+    fig.suptitle(f"fused_rnn vs nn.RNN — {m['device']} — {m['dtype']} — T={rows[0]['T']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--grid", default="default", choices=["default", "quick"])
+    p.add_argument("--shapes", help="comma-separated TxBxH (overrides --grid)")
+    p.add_argument("--steps", type=int, default=0, help="sequence length T for the grid")
+    p.add_argument("--layers", default="1,2", help="comma-separated layer counts")
+    p.add_argument("--bidirectional", default="both", choices=["no", "yes", "both"])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tf32", action="store_true", help="allow TF32 on both sides (CUDA)")
+    p.add_argument("--out", default=None, help="report folder (default bench/out/<device>-<date>)")
+    args = p.parse_args(argv)
+
+    device, dtype = args.device, DTYPES[args.dtype]
+    layers = [int(v) for v in args.layers.split(",")]
+    bidir = {"no": [False], "yes": [True], "both": [False, True]}[args.bidirectional]
+    if device.startswith("cuda"):
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    shapes = (parse_shapes(args.shapes, layers, bidir) if args.shapes
+              else grid_shapes(args.grid, device, layers, bidir, args.steps))
+    name, driver = device_name(device)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = args.out or os.path.join("bench", "out",
+                                   f"{device.split(':')[0]}-{now.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out, exist_ok=True)
+
+    gemm = gemm_gflops(device, dtype) if not device.startswith("cuda") else 0.0
+    rows = []
+    for i, shape in enumerate(shapes):
+        sys.stderr.write(progress(i, len(shapes), shape.label))
+        sys.stderr.flush()
+        rows.append(measure(shape, device, dtype, args.reps, args.warmup))
+    sys.stderr.write(progress(len(shapes), len(shapes), "done") + "\n")
+
+    report = {
+        "meta": {"device": name, "device_type": device.split(":")[0], "driver": driver,
+                 "date": now.isoformat(timespec="seconds"), "dtype": args.dtype,
+                 "tf32": bool(args.tf32), "reps": args.reps, "warmup": args.warmup,
+                 "threads": torch.get_num_threads(), "versions": versions()},
+        "rows": rows,
+        "summary": summarize(rows, gemm, device),
+    }
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    md = markdown(report)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    plotted = plot(report, os.path.join(out, "speedup.png"))
+    print(md)
+    print(f"report: {out}/results.json, results.md" + (", speedup.png" if plotted else
+                                                         " (no plot: matplotlib missing)"))
+    return 1 if report["summary"]["wrong_results"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
