@@ -139,34 +139,66 @@ LayerShape check_layer_backward_args(const char* op, const at::Tensor& grad_outp
   return s;
 }
 
-at::Tensor stacked_w_ih(at::TensorList weights, const LayerShape& s) {
-  if (s.directions == 1) return w_ih(weights, s, 0);
-  return at::cat({w_ih(weights, s, 0), w_ih(weights, s, 1)}, 0);
-}
-
 at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights,
                             const LayerShape& s) {
   const int64_t dh = s.directions * s.hidden;
   at::Tensor out = at::empty({s.schedule.rows, dh}, input_rows.options());
-  const at::Tensor w = stacked_w_ih(weights, s);
-  if (s.per_direction == 4) {
-    std::vector<at::Tensor> biases;
-    for (int64_t d = 0; d < s.directions; ++d) {
-      biases.push_back(weights[d * 4 + 2] + weights[d * 4 + 3]);
+  // One GEMM per direction straight into its columns (row stride D·H): no stacked copy of W_ih.
+  for (int64_t d = 0; d < s.directions; ++d) {
+    at::Tensor cols = out.narrow(1, d * s.hidden, s.hidden);
+    const at::Tensor w = w_ih(weights, s, d).t();
+    if (s.per_direction == 4) {
+      at::addmm_out(cols, weights[d * 4 + 2] + weights[d * 4 + 3], input_rows, w);
+    } else {
+      at::mm_out(cols, input_rows, w);
     }
-    const at::Tensor bias = s.directions == 1 ? biases[0] : at::cat(biases, 0);
-    at::addmm_out(out, bias, input_rows, w.t());
-  } else {
-    at::mm_out(out, input_rows, w.t());
   }
   return out;
 }
 
-at::Tensor sequence_gradients(const at::Tensor& dA, const at::Tensor& input_rows,
+namespace {
+
+// dX = dA · W_ih written over dA's own storage, a block of rows at a time: row block i of dX needs
+// only row block i of dA, and a dX row (I values) is no longer than a dA row (D·H values), so each
+// block lands on storage already read. Saves the N × I allocation that dominates BPTT's peak memory.
+// dX rows r0 .. r0+n: Σ_d dA_d · W_ih_d, into out (n × I).
+void grad_input_rows(const at::Tensor& dA, int64_t r0, int64_t n, at::TensorList weights,
+                     const LayerShape& s, at::Tensor& out) {
+  for (int64_t d = 0; d < s.directions; ++d) {
+    const at::Tensor a = dA.narrow(0, r0, n).narrow(1, d * s.hidden, s.hidden);
+    if (d == 0) {
+      at::mm_out(out, a, w_ih(weights, s, d));
+    } else {
+      out.addmm_(a, w_ih(weights, s, d));
+    }
+  }
+}
+
+at::Tensor grad_input_in_place(at::Tensor& dA, at::TensorList weights, const LayerShape& s) {
+  const int64_t rows = dA.size(0), width = dA.size(1), isize = s.input_size;
+  at::Tensor flat = dA.view({-1});
+  // Blocks of about 1/16 of the rows (the scratch is then small next to dA), at most 1 Mi elements.
+  constexpr int64_t kMaxBlockElements = 1 << 20;
+  const int64_t block = std::max<int64_t>(
+      1, std::min<int64_t>(std::max<int64_t>(64, (rows + 15) / 16),
+                           kMaxBlockElements / std::max<int64_t>(width, 1)));
+  at::Tensor tmp = at::empty({std::min(block, rows), isize}, dA.options());
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t n = std::min(block, rows - r0);
+    at::Tensor part = tmp.narrow(0, 0, n);
+    grad_input_rows(dA, r0, n, weights, s, part);
+    flat.narrow(0, r0 * isize, n * isize).view({n, isize}).copy_(part);
+  }
+  at::Tensor result = flat.narrow(0, 0, rows * isize).view({rows, isize});
+  dA = at::Tensor();  // its storage now belongs to the result
+  return result;
+}
+
+}  // namespace
+
+at::Tensor sequence_gradients(at::Tensor& dA, const at::Tensor& input_rows,
                               at::TensorList weights, const LayerShape& s, bool need_input,
                               bool need_weights, std::vector<at::Tensor>& grad_weights) {
-  at::Tensor grad_input_rows;
-  if (need_input) grad_input_rows = at::mm(dA, stacked_w_ih(weights, s));
   if (need_weights) {
     for (int64_t d = 0; d < s.directions; ++d) {
       const int64_t base = d * s.per_direction;
@@ -180,7 +212,13 @@ at::Tensor sequence_gradients(const at::Tensor& dA, const at::Tensor& input_rows
       }
     }
   }
-  return grad_input_rows;
+  if (!need_input) return at::Tensor();
+  if (s.input_size <= dA.size(1) && dA.is_contiguous() && dA.size(0) > 0) {
+    return grad_input_in_place(dA, weights, s);
+  }
+  at::Tensor grad = at::empty({dA.size(0), s.input_size}, dA.options());
+  grad_input_rows(dA, 0, dA.size(0), weights, s, grad);
+  return grad;
 }
 
 }  // namespace fused_rnn

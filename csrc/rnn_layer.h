@@ -66,18 +66,16 @@ inline const at::Tensor& w_hh(at::TensorList weights, const LayerShape& s, int64
   return weights[d * s.per_direction + 1];
 }
 
-// The input projection for all steps and directions, P = X · [W_ih_0; W_ih_1]ᵀ + (b_ih + b_hh), written
+// The input projection for all steps and directions, P = X · W_ih_dᵀ + (b_ih + b_hh) per direction, written
 // into a new (N, D·H) tensor that the recurrence then updates in place. Device-generic (ATen GEMM).
 at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights,
                             const LayerShape& s);
 
-// [W_ih_0; W_ih_1] as one (D·H, I) matrix (no copy for D = 1).
-at::Tensor stacked_w_ih(at::TensorList weights, const LayerShape& s);
-
 // The gradients that are one GEMM or one reduction over the whole sequence, from dA (N, D·H):
-// dX = dA · W_ih (when need_input), dW_ih = dAᵀ · X and db = Σ dA (when need_weights). Fills
-// grad_weights' w_ih and bias slots; w_hh slots are the caller's.
-at::Tensor sequence_gradients(const at::Tensor& dA, const at::Tensor& input_rows,
+// dW_ih = dAᵀ · X and db = Σ dA (when need_weights), then dX = dA · W_ih (when need_input), which
+// consumes dA (it may be computed in dA's storage; dA is left undefined then). Fills grad_weights'
+// w_ih and bias slots; the w_hh slots are the caller's, to fill before calling this.
+at::Tensor sequence_gradients(at::Tensor& dA, const at::Tensor& input_rows,
                               at::TensorList weights, const LayerShape& s, bool need_input,
                               bool need_weights, std::vector<at::Tensor>& grad_weights);
 

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 // Weak: resolved from torch's CPU library when it exports them, null otherwise (the extension still
 // loads, and the ATen path runs).
@@ -15,6 +16,13 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (CBLAS), LP64. Enum values from the CBLAS headers.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
 }
 
 namespace fused_rnn::cpu {
@@ -104,5 +112,61 @@ template void gemm_rowmajor<double>(int64_t, int64_t, int64_t, const double*, in
                                     const double*, int64_t, bool, double, double*, int64_t);
 
 const char* gemm_path() { return blas_available<float>() ? "blas" : "aten"; }
+
+namespace {
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+
+bool packing_available() {
+  static const bool ok = [] {
+    const char* v = std::getenv("FUSED_RNN_CPU_GEMM");
+    const bool unpacked = v != nullptr && std::strcmp(v, "unpacked") == 0;
+    return !unpacked && cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+           cblas_sgemm_compute != nullptr;
+  }();
+  return ok && blas_available<float>();
+}
+}  // namespace
+
+template <typename scalar_t>
+StepRhs<scalar_t>::StepRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb,
+                           bool transpose_b, int64_t rows)
+    : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {}
+
+template <>
+StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b,
+                        int64_t rows)
+    : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {
+  const bool fits = fits_int(n) && fits_int(k) && fits_int(ldb) && fits_int(rows);
+  if (!fits || rows == 0 || n == 0 || k == 0 || !packing_available()) return;
+  const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(rows),
+                                                 static_cast<int>(n), static_cast<int>(k));
+  packed_ = static_cast<float*>(std::malloc(bytes));
+  if (packed_ == nullptr) return;  // plain path
+  cblas_sgemm_pack(kRowMajor, kBMatrix, transpose_b ? kTrans : kNoTrans, static_cast<int>(rows),
+                   static_cast<int>(n), static_cast<int>(k), 1.f, b, static_cast<int>(ldb),
+                   packed_);
+}
+
+template <typename scalar_t>
+StepRhs<scalar_t>::~StepRhs() {
+  std::free(packed_);
+}
+
+template <typename scalar_t>
+void StepRhs<scalar_t>::multiply(int64_t m, const scalar_t* a, int64_t lda, scalar_t beta,
+                                 scalar_t* c, int64_t ldc) const {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (packed_ != nullptr && m == rows_ && fits_int(lda) && fits_int(ldc)) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m),
+                          static_cast<int>(n_), static_cast<int>(k_), a, static_cast<int>(lda),
+                          packed_, static_cast<int>(ldb_), beta, c, static_cast<int>(ldc));
+      return;
+    }
+  }
+  gemm_rowmajor<scalar_t>(m, n_, k_, a, lda, b_, ldb_, transpose_b_, beta, c, ldc);
+}
+
+template class StepRhs<float>;
+template class StepRhs<double>;
 
 }  // namespace fused_rnn::cpu

@@ -21,4 +21,26 @@ void gemm_rowmajor(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t l
 // Which path gemm_rowmajor takes in this process: "blas" or "aten".
 const char* gemm_path();
 
+// The right-hand side of a step GEMM that every step reuses (W_hhᵀ forward, W_hh in BPTT), packed
+// once into BLAS's internal panel format when the BLAS offers that (MKL's sgemm_pack/compute, float
+// only), so that the T steps do not each re-pack it. multiply() is gemm_rowmajor with this B; row
+// counts other than the one packed for (the ends of packed sequences) take the plain path.
+template <typename scalar_t>
+class StepRhs {
+ public:
+  StepRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b, int64_t rows);
+  ~StepRhs();
+  StepRhs(const StepRhs&) = delete;
+  StepRhs& operator=(const StepRhs&) = delete;
+
+  void multiply(int64_t m, const scalar_t* a, int64_t lda, scalar_t beta, scalar_t* c,
+                int64_t ldc) const;
+
+ private:
+  const scalar_t* b_;
+  int64_t n_, k_, ldb_, rows_;
+  bool transpose_b_;
+  scalar_t* packed_ = nullptr;
+};
+
 }  // namespace fused_rnn::cpu

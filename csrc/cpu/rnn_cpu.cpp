@@ -41,11 +41,12 @@ void recurrence_forward(scalar_t* out, int64_t ld, const scalar_t* h0, const sca
   const auto& bs = s.bs;
   const auto& off = s.offset;
   copy_rows(hn, H, h0, H, s.batch, H);
+  const StepRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/true, s.batch);  // · W_hhᵀ
   if (!reverse) {
     for (int64_t t = 0; t < s.steps; ++t) {
       scalar_t* cur = out + off[t] * ld;
       const scalar_t* prev = t == 0 ? h0 : out + off[t - 1] * ld;
-      gemm_rowmajor<scalar_t>(bs[t], H, H, prev, t == 0 ? H : ld, whh, H, true, 1, cur, ld);
+      w.multiply(bs[t], prev, t == 0 ? H : ld, 1, cur, ld);
       activate_rows(cur, bs[t], H, ld, relu);
       // Rows [bs[t+1], bs[t]) end here: their state is final.
       copy_rows(hn + bs[t + 1] * H, H, cur + bs[t + 1] * ld, ld, bs[t] - bs[t + 1], H);
@@ -54,9 +55,8 @@ void recurrence_forward(scalar_t* out, int64_t ld, const scalar_t* h0, const sca
     for (int64_t t = s.steps - 1; t >= 0; --t) {
       scalar_t* cur = out + off[t] * ld;
       const int64_t cont = bs[t + 1];  // rows that came from step t + 1; the rest start from h0
-      gemm_rowmajor<scalar_t>(cont, H, H, out + off[t + 1] * ld, ld, whh, H, true, 1, cur, ld);
-      gemm_rowmajor<scalar_t>(bs[t] - cont, H, H, h0 + cont * H, H, whh, H, true, 1,
-                              cur + cont * ld, ld);
+      w.multiply(cont, out + off[t + 1] * ld, ld, 1, cur, ld);
+      w.multiply(bs[t] - cont, h0 + cont * H, H, 1, cur + cont * ld, ld);
       activate_rows(cur, bs[t], H, ld, relu);
     }
     if (s.steps > 0) copy_rows(hn, H, out + off[0] * ld, ld, bs[0], H);
@@ -75,27 +75,27 @@ void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const sc
     copy_rows(dh0, H, dhn, H, s.batch, H);
     return;
   }
+  const StepRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/false, s.batch);  // · W_hh
   if (!reverse) {
     for (int64_t t = s.steps - 1; t >= 0; --t) {
       scalar_t* cur = dA + off[t] * ld;
       const int64_t cont = bs[t + 1];
       add_rows(cur + cont * ld, ld, dhn + cont * H, H, bs[t] - cont, H);
-      gemm_rowmajor<scalar_t>(cont, H, H, dA + off[t + 1] * ld, ld, whh, H, false, 1, cur, ld);
+      w.multiply(cont, dA + off[t + 1] * ld, ld, 1, cur, ld);
       times_activation_grad(cur, out + off[t] * ld, bs[t], H, ld, relu);
     }
-    gemm_rowmajor<scalar_t>(bs[0], H, H, dA + off[0] * ld, ld, whh, H, false, 0, dh0, H);
+    w.multiply(bs[0], dA + off[0] * ld, ld, 0, dh0, H);
   } else {
     for (int64_t t = 0; t < s.steps; ++t) {
       scalar_t* cur = dA + off[t] * ld;
       if (t == 0) {
         add_rows(cur, ld, dhn, H, bs[0], H);
       } else {
-        gemm_rowmajor<scalar_t>(bs[t], H, H, dA + off[t - 1] * ld, ld, whh, H, false, 1, cur, ld);
+        w.multiply(bs[t], dA + off[t - 1] * ld, ld, 1, cur, ld);
       }
       times_activation_grad(cur, out + off[t] * ld, bs[t], H, ld, relu);
       const int64_t cont = bs[t + 1];  // rows [cont, bs[t]) started from h0 at this step
-      gemm_rowmajor<scalar_t>(bs[t] - cont, H, H, cur + cont * ld, ld, whh, H, false, 0,
-                              dh0 + cont * H, H);
+      w.multiply(bs[t] - cont, cur + cont * ld, ld, 0, dh0 + cont * H, H);
     }
   }
 }
@@ -176,13 +176,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
   const bool need_input = output_mask[0], need_hx = output_mask[1], need_w = output_mask[2];
   std::vector<at::Tensor> grad_weights(need_w ? weights.size() : 0);
   const at::Tensor rows = input.reshape({N, s.input_size}).contiguous();
-  at::Tensor grad_rows = sequence_gradients(dA, rows, weights, s, need_input, need_w, grad_weights);
   if (need_w) {
     for (int64_t d = 0; d < D; ++d) {
       grad_weights[d * s.per_direction + 1] =
           grad_w_hh(dA.narrow(1, d * H, H), out.narrow(1, d * H, H), h0[d], s.schedule, d == 1);
     }
   }
+  at::Tensor grad_rows = sequence_gradients(dA, rows, weights, s, need_input, need_w, grad_weights);
   at::Tensor grad_input = need_input ? grad_rows.view(input.sizes()) : at::empty({0}, input.options());
   return {grad_input, need_hx ? dh0 : at::empty({0}, hx.options()), grad_weights};
 }
