@@ -10,11 +10,37 @@ Environment:
 
 import glob
 import os
+import shutil
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def locate_cuda_home():
+    """The toolkit folder holding nvcc *and* the CUDA runtime library.
+
+    torch takes the parent of the `nvcc` on PATH, which is wrong when that is a wrapper script (e.g.
+    /usr/local/bin/nvcc calling /usr/local/cuda-13.0/bin/nvcc): it then cannot link libcudart.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = ["/usr/local/cuda"]
+    if nvcc:
+        candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        has_nvcc = os.path.exists(os.path.join(home, "bin", "nvcc"))
+        has_cudart = any(glob.glob(os.path.join(home, lib, "libcudart.so*"))
+                         for lib in ("lib64", "lib"))
+        if has_nvcc and has_cudart:
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+locate_cuda_home()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it at import)
+from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,  # noqa: E402
+                                       CUDAExtension)
 
 def default_max_jobs():
     """One job per core, but no more than one per 3 GiB of memory (nvcc peaks near that)."""
@@ -65,7 +91,6 @@ if use_cuda:
         sources + cuda_sources,
         extra_compile_args={"cxx": cxx_flags + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc_flags},
         extra_link_args=link_flags,
-        libraries=["cublas"],
     )
 else:
     ext = CppExtension("fused_rnn._C", sources, extra_compile_args={"cxx": cxx_flags},

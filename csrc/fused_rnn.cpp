@@ -3,7 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "cpu/cpu_gemm.h"
+#include "cuda_plan.h"
 
 // The schemas are also written in fused_rnn/_ops.py (the pure-PyTorch fallback defines the same ops
 // when this extension is missing); a test checks the two agree.
@@ -31,7 +34,56 @@ PyObject* has_cuda_kernels(PyObject*, PyObject*) {
 #endif
 }
 
+// plan_cuda_path(hidden, batch, directions, elem_bytes, sm_count, smem_per_sm,
+//                smem_per_block_optin, max_threads_per_sm, regs_per_sm, regs_per_thread, forced)
+//   -> (path, rows_per_block, blocks_per_direction, threads, smem_bytes)
+PyObject* plan_cuda_path(PyObject*, PyObject* args) {
+  long long hidden, batch, directions, elem_bytes, regs_per_thread;
+  fused_rnn::cuda_plan::DeviceLimits dev{};
+  long long sm, smem_sm, smem_block, threads_sm, regs_sm;
+  const char* forced = "auto";
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLL|s", &hidden, &batch, &directions, &elem_bytes, &sm,
+                        &smem_sm, &smem_block, &threads_sm, &regs_sm, &regs_per_thread, &forced)) {
+    return nullptr;
+  }
+  dev = {sm, smem_sm, smem_block, threads_sm, regs_sm};
+  try {
+    fused_rnn::cuda_plan::PersistentConfig cfg;
+    const auto path = fused_rnn::cuda_plan::choose_path(hidden, batch, directions, elem_bytes, dev,
+                                                        regs_per_thread, forced, &cfg);
+    const char* name = path == fused_rnn::cuda_plan::Path::kPersistent ? "persistent" : "per_step";
+    return Py_BuildValue("(sLLLL)", name, static_cast<long long>(cfg.rows_per_block),
+                         static_cast<long long>(cfg.blocks_per_direction),
+                         static_cast<long long>(cfg.threads),
+                         static_cast<long long>(cfg.smem_bytes));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* set_cuda_path(PyObject*, PyObject* args) {
+  const char* path;
+  if (!PyArg_ParseTuple(args, "s", &path)) return nullptr;
+  try {
+    fused_rnn::cuda_plan::set_forced_path(path);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* get_cuda_path(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fused_rnn::cuda_plan::forced_path().c_str());
+}
+
 PyMethodDef methods[] = {
+    {"plan_cuda_path", plan_cuda_path, METH_VARARGS,
+     "The CUDA path heuristic for given sizes and device limits (no GPU needed)."},
+    {"set_cuda_path", set_cuda_path, METH_VARARGS,
+     "Force the CUDA recurrence path: 'auto', 'persistent' or 'per_step'."},
+    {"get_cuda_path", get_cuda_path, METH_NOARGS, "The forced CUDA path ('auto' unless set)."},
     {"cpu_gemm_path", cpu_gemm_path, METH_NOARGS,
      "Which GEMM the CPU recurrence calls per step: 'blas' (direct) or 'aten'."},
     {"has_cuda_kernels", has_cuda_kernels, METH_NOARGS,

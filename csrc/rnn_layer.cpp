@@ -156,11 +156,35 @@ at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights
   return out;
 }
 
+// dW_hh of one direction, Σ_t dA_tᵀ · h_{t-1}, as one GEMM over the sequence. Padded: h_{t-1} is the
+// output shifted by one step (plus hx at the sequence start), a view. Packed: the rows are gathered.
+at::Tensor grad_w_hh(const at::Tensor& dA_d, const at::Tensor& out_d, const at::Tensor& h0,
+                     const StepSchedule& s, bool reverse) {
+  const int64_t B = s.batch, N = s.rows;
+  if (N == 0) return at::zeros({out_d.size(1), out_d.size(1)}, out_d.options());
+  if (!s.packed) {
+    const int64_t lo = reverse ? 0 : B;  // rows of dA whose h_{t-1} is an output row
+    const int64_t first = reverse ? N - B : 0;  // rows of dA whose h_{t-1} is h0
+    at::Tensor g = at::mm(dA_d.narrow(0, first, B).t(), h0);
+    if (N > B) g.addmm_(dA_d.narrow(0, lo, N - B).t(), out_d.narrow(0, reverse ? B : 0, N - B));
+    return g;
+  }
+  at::Tensor prev = at::empty({N, out_d.size(1)}, out_d.options());
+  for (int64_t t = 0; t < s.steps; ++t) {
+    at::Tensor rows = prev.narrow(0, s.offset[t], s.bs[t]);
+    if (!reverse) {
+      rows.copy_(t == 0 ? h0 : out_d.narrow(0, s.offset[t - 1], s.bs[t]));
+    } else {
+      const int64_t cont = s.bs[t + 1];
+      if (cont > 0) rows.narrow(0, 0, cont).copy_(out_d.narrow(0, s.offset[t + 1], cont));
+      rows.narrow(0, cont, s.bs[t] - cont).copy_(h0.narrow(0, cont, s.bs[t] - cont));
+    }
+  }
+  return at::mm(dA_d.t(), prev);
+}
+
 namespace {
 
-// dX = dA · W_ih written over dA's own storage, a block of rows at a time: row block i of dX needs
-// only row block i of dA, and a dX row (I values) is no longer than a dA row (D·H values), so each
-// block lands on storage already read. Saves the N × I allocation that dominates BPTT's peak memory.
 // dX rows r0 .. r0+n: Σ_d dA_d · W_ih_d, into out (n × I).
 void grad_input_rows(const at::Tensor& dA, int64_t r0, int64_t n, at::TensorList weights,
                      const LayerShape& s, at::Tensor& out) {
@@ -174,6 +198,9 @@ void grad_input_rows(const at::Tensor& dA, int64_t r0, int64_t n, at::TensorList
   }
 }
 
+// dX = dA · W_ih written over dA's own storage, a block of rows at a time: row block i of dX needs
+// only row block i of dA, and a dX row (I values) is no longer than a dA row (D·H values), so each
+// block lands on storage already read. Saves the N × I allocation that dominates BPTT's peak memory.
 at::Tensor grad_input_in_place(at::Tensor& dA, at::TensorList weights, const LayerShape& s) {
   const int64_t rows = dA.size(0), width = dA.size(1), isize = s.input_size;
   at::Tensor flat = dA.view({-1});

@@ -71,6 +71,11 @@ inline const at::Tensor& w_hh(at::TensorList weights, const LayerShape& s, int64
 at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights,
                             const LayerShape& s);
 
+// dW_hh of one direction, Σ_t dA_tᵀ · h_{t-1}, as one GEMM over the sequence (dA_d and out_d are the
+// direction's (N, H) column views, h0 its (B, H) initial state). Device-generic (ATen GEMM).
+at::Tensor grad_w_hh(const at::Tensor& dA_d, const at::Tensor& out_d, const at::Tensor& h0,
+                     const StepSchedule& s, bool reverse);
+
 // The gradients that are one GEMM or one reduction over the whole sequence, from dA (N, D·H):
 // dW_ih = dAᵀ · X and db = Σ dA (when need_weights), then dX = dA · W_ih (when need_input), which
 // consumes dA (it may be computed in dA's storage; dA is left undefined then). Fills grad_weights'

@@ -100,33 +100,6 @@ void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const sc
   }
 }
 
-// dW_hh of one direction, Σ_t dA_tᵀ · h_{t-1}, as one GEMM over the sequence. Padded: h_{t-1} is the
-// output shifted by one step (plus hx at the sequence start), a view. Packed: the rows are gathered.
-at::Tensor grad_w_hh(const at::Tensor& dA_d, const at::Tensor& out_d, const at::Tensor& h0,
-                     const StepSchedule& s, bool reverse) {
-  const int64_t B = s.batch, N = s.rows;
-  if (N == 0) return at::zeros({out_d.size(1), out_d.size(1)}, out_d.options());
-  if (!s.packed) {
-    const int64_t lo = reverse ? 0 : B;  // rows of dA whose h_{t-1} is an output row
-    const int64_t first = reverse ? N - B : 0;  // rows of dA whose h_{t-1} is h0
-    at::Tensor g = at::mm(dA_d.narrow(0, first, B).t(), h0);
-    if (N > B) g.addmm_(dA_d.narrow(0, lo, N - B).t(), out_d.narrow(0, reverse ? B : 0, N - B));
-    return g;
-  }
-  at::Tensor prev = at::empty({N, out_d.size(1)}, out_d.options());
-  for (int64_t t = 0; t < s.steps; ++t) {
-    at::Tensor rows = prev.narrow(0, s.offset[t], s.bs[t]);
-    if (!reverse) {
-      rows.copy_(t == 0 ? h0 : out_d.narrow(0, s.offset[t - 1], s.bs[t]));
-    } else {
-      const int64_t cont = s.bs[t + 1];
-      if (cont > 0) rows.narrow(0, 0, cont).copy_(out_d.narrow(0, s.offset[t + 1], cont));
-      rows.narrow(0, cont, s.bs[t] - cont).copy_(h0.narrow(0, cont, s.bs[t] - cont));
-    }
-  }
-  return at::mm(dA_d.t(), prev);
-}
-
 std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cpu(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
     const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases) {

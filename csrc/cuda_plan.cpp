@@ -1,0 +1,79 @@
+#include "cuda_plan.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <mutex>
+
+namespace fused_rnn::cuda_plan {
+
+std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directions,
+                                                int64_t elem_bytes, const DeviceLimits& dev,
+                                                int64_t regs_per_thread) {
+  if (hidden <= 0 || directions <= 0 || dev.sm_count <= 0) return std::nullopt;
+  for (const int64_t rows : kPersistentRowChoices) {
+    // 32 double accumulators per thread spill registers (ptxas report): not built, not planned.
+    if (rows == 32 && elem_bytes == 8) continue;
+    PersistentConfig c;
+    c.rows_per_block = rows;
+    c.directions = directions;
+    c.blocks_per_direction = (hidden + rows - 1) / rows;
+    c.threads = kPersistentThreads;
+    c.smem_bytes = rows * hidden * elem_bytes;
+    if (c.smem_bytes > dev.smem_per_block_optin) continue;
+    const int64_t by_smem = dev.smem_per_sm / (c.smem_bytes + kReservedSmemPerBlock);
+    const int64_t by_threads = dev.max_threads_per_sm / c.threads;
+    const int64_t by_regs =
+        regs_per_thread > 0 ? dev.regs_per_sm / (regs_per_thread * c.threads) : by_threads;
+    const int64_t per_sm = std::min({by_smem, by_threads, by_regs});
+    if (per_sm >= 1 && c.blocks() <= per_sm * dev.sm_count) return c;
+  }
+  return std::nullopt;
+}
+
+Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem_bytes,
+                 const DeviceLimits& dev, int64_t regs_per_thread, const std::string& forced,
+                 PersistentConfig* config) {
+  TORCH_CHECK(forced == "auto" || forced == "persistent" || forced == "per_step",
+              "fused_rnn: CUDA path must be 'auto', 'persistent' or 'per_step', got '", forced,
+              "'");
+  if (forced == "per_step") return Path::kPerStep;
+  const auto plan = plan_persistent(hidden, directions, elem_bytes, dev, regs_per_thread);
+  if (forced == "persistent") {
+    TORCH_CHECK(plan.has_value(), "fused_rnn: the persistent path was forced, but W_hh (hidden ",
+                hidden, ", ", directions, " direction(s), ", elem_bytes,
+                "-byte elements) does not fit on-chip across ", dev.sm_count, " SMs");
+    *config = *plan;
+    return Path::kPersistent;
+  }
+  if (plan.has_value() && batch <= kPersistentMaxBatch) {
+    *config = *plan;
+    return Path::kPersistent;
+  }
+  return Path::kPerStep;
+}
+
+namespace {
+std::mutex& path_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::string& path_value() {
+  static std::string v = "auto";
+  return v;
+}
+}  // namespace
+
+void set_forced_path(const std::string& path) {
+  TORCH_CHECK(path == "auto" || path == "persistent" || path == "per_step",
+              "fused_rnn: CUDA path must be 'auto', 'persistent' or 'per_step', got '", path, "'");
+  std::lock_guard<std::mutex> lock(path_mutex());
+  path_value() = path;
+}
+
+std::string forced_path() {
+  std::lock_guard<std::mutex> lock(path_mutex());
+  return path_value();
+}
+
+}  // namespace fused_rnn::cuda_plan

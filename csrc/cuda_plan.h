@@ -1,0 +1,69 @@
+// How the CUDA recurrence is run: which path, and the persistent kernel's geometry. Plain C++ (no
+// CUDA), compiled in every build, so that CPU tests exercise it with made-up device properties.
+//
+// Paths:
+//   persistent  one cooperative launch for all T steps; block b of direction d keeps rows
+//               [b·R, (b+1)·R) of W_hh (forward) or of W_hhᵀ (BPTT) in shared memory for the whole
+//               sequence; a grid-wide barrier separates steps. Needs every block co-resident.
+//   per_step    one launch per step and direction: a tiled GEMM of h_{t-1} (or dA_{t±1}) with W_hh
+//               whose epilogue adds P_t (or dH_t) and applies the activation (or act').
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace fused_rnn::cuda_plan {
+
+struct DeviceLimits {
+  int64_t sm_count;
+  int64_t smem_per_sm;            // bytes (cudaDevAttrMaxSharedMemoryPerMultiprocessor)
+  int64_t smem_per_block_optin;   // bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+  int64_t max_threads_per_sm;
+  int64_t regs_per_sm;
+};
+
+struct PersistentConfig {
+  int64_t rows_per_block = 0;       // R: rows of W_hh a block owns (8, 16 or 32)
+  int64_t blocks_per_direction = 0;
+  int64_t threads = 0;
+  int64_t smem_bytes = 0;           // dynamic shared memory per block: R · H · sizeof(scalar)
+  int64_t blocks() const { return blocks_per_direction * directions; }
+  int64_t directions = 1;
+};
+
+enum class Path { kPersistent, kPerStep };
+
+constexpr int64_t kPersistentThreads = 256;
+constexpr int64_t kPersistentRowChoices[] = {8, 16, 32};
+// Shared memory the runtime reserves per resident block (1 KiB on sm_80 and sm_90).
+constexpr int64_t kReservedSmemPerBlock = 1024;
+// Above this batch the per-step path's GEMM tiles use the chip better than the persistent kernel's
+// one-warp-per-row dot products (a starting point; tune with the benchmark on a GPU).
+constexpr int64_t kPersistentMaxBatch = 128;
+
+// Per-step kernel geometry: 64 × 64 output tiles, 256 threads.
+constexpr int64_t kStepTile = 64;
+constexpr int64_t kStepThreads = 256;
+
+// The persistent configuration with the most blocks that fits (shared memory per block and per SM,
+// threads and registers per SM, co-residency of the whole grid), or none.
+std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directions,
+                                                int64_t elem_bytes, const DeviceLimits& dev,
+                                                int64_t regs_per_thread);
+
+// The path for a layer: persistent when it fits and the batch is small enough, else per-step.
+// `forced` is "auto", "persistent" or "per_step"; forcing persistent where it cannot run throws.
+Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem_bytes,
+                 const DeviceLimits& dev, int64_t regs_per_thread, const std::string& forced,
+                 PersistentConfig* config);
+
+// Blocks of the per-step kernel for `rows` × `hidden` outputs: (column tiles, row tiles).
+inline int64_t step_grid_x(int64_t hidden) { return (hidden + kStepTile - 1) / kStepTile; }
+inline int64_t step_grid_y(int64_t rows) { return (rows + kStepTile - 1) / kStepTile; }
+
+// The process-wide path override ("auto", "persistent", "per_step"), for tests and benchmarks.
+void set_forced_path(const std::string& path);
+std::string forced_path();
+
+}  // namespace fused_rnn::cuda_plan
