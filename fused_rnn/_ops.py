@@ -13,8 +13,9 @@ backward, which is what second-order gradients run.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -77,6 +78,49 @@ def has_native_kernel(device_type: str) -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD, key)
+
+
+CUDA_PATHS = ("auto", "persistent", "per_step")
+
+
+def set_cuda_path(path: str) -> None:
+    """Force the CUDA recurrence path for the whole process: "auto" (the heuristic), "persistent"
+    or "per_step". For tests and benchmarks; "persistent" raises where it cannot run."""
+    if path not in CUDA_PATHS:
+        raise ValueError(f"CUDA path must be one of {CUDA_PATHS}, got {path!r}")
+    if _C is not None:
+        _C.set_cuda_path(path)
+
+
+def get_cuda_path() -> str:
+    return _C.get_cuda_path() if _C is not None else "auto"
+
+
+@contextlib.contextmanager
+def cuda_path(path: str) -> Iterator[None]:
+    """Context manager form of set_cuda_path, restoring the previous setting."""
+    previous = get_cuda_path()
+    set_cuda_path(path)
+    try:
+        yield
+    finally:
+        set_cuda_path(previous)
+
+
+def plan_cuda_path(hidden: int, batch: int, directions: int, dtype: torch.dtype,
+                   props: dict, forced: str = "auto") -> dict:
+    """The CUDA path the extension picks for a layer, from device properties given as a dict with
+    sm_count, smem_per_sm, smem_per_block_optin, max_threads_per_sm, regs_per_sm (real or made up:
+    no GPU is needed). Returns path, rows_per_block, blocks_per_direction, threads, smem_bytes."""
+    if _C is None:
+        raise RuntimeError("fused_rnn: the native extension is not loaded")
+    elem = torch.empty(0, dtype=dtype).element_size()
+    path, rows, blocks, threads, smem = _C.plan_cuda_path(
+        hidden, batch, directions, elem, props["sm_count"], props["smem_per_sm"],
+        props["smem_per_block_optin"], props["max_threads_per_sm"], props["regs_per_sm"],
+        props.get("regs_per_thread", 0), forced)
+    return {"path": path, "rows_per_block": rows, "blocks_per_direction": blocks,
+            "threads": threads, "smem_bytes": smem}
 
 
 # ----------------------------------------------------------------------------------------------
