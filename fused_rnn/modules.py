@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Tuple, Union, overload
 
 import torch
@@ -15,6 +16,16 @@ from . import functional
 def _dtype_name(dtype: torch.dtype) -> str:
     """ATen's name of a dtype ("Float", "Double", ...), as nn.RNN's C++ errors print it."""
     return torch.empty(0, dtype=dtype).type().rsplit(".", 1)[-1][: -len("Tensor")]
+
+
+def _autocast_inputs(dtype: torch.dtype, data: Tensor, hx: Tensor, weights: list):
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if t.dtype == torch.float32 else t
+
+    return cast(data), cast(hx), [[cast(w) for w in ws] for ws in weights]
+
+
+_no_context = contextlib.nullcontext
 
 
 class RNN(nn.RNNBase):
@@ -99,7 +110,7 @@ class RNN(nn.RNNBase):
             )
         if batch_sizes is None and input.size(0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        if hx.dtype != weight_dtype:
+        if hx.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
             raise RuntimeError(
                 "mat1 and mat2 must have the same dtype, but got "
                 f"{_dtype_name(hx.dtype)} and {_dtype_name(weight_dtype)}"
@@ -152,11 +163,24 @@ class RNN(nn.RNNBase):
             hx = hx.index_select(1, sorted_indices)
         self._check_forward_args(data, hx, weight_dtype, batch_sizes)
 
+        device_type = data.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        if autocast:
+            # nn.RNN's autocast policy (rnn_tanh/rnn_relu are lower-precision ops): float32
+            # input, hidden state and weights run in the autocast dtype; others stay as they are.
+            data, hx, weights = _autocast_inputs(torch.get_autocast_dtype(device_type), data, hx,
+                                                 weights)
+            if hx.dtype != weights[0][0].dtype:
+                raise RuntimeError(
+                    "mat1 and mat2 must have the same dtype, but got "
+                    f"{_dtype_name(hx.dtype)} and {_dtype_name(weights[0][0].dtype)}"
+                )
         if not is_packed and self.batch_first:
             data = data.transpose(0, 1)
-        output, h_n = functional.rnn(
-            data, hx, weights, batch_sizes, self.mode == "RNN_RELU", self.bias, self.num_layers,
-            self.dropout, self.training, self.bidirectional)
+        with torch.autocast(device_type, enabled=False) if autocast else _no_context():
+            output, h_n = functional.rnn(
+                data, hx, weights, batch_sizes, self.mode == "RNN_RELU", self.bias,
+                self.num_layers, self.dropout, self.training, self.bidirectional)
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
         if is_packed:
