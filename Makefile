@@ -22,7 +22,7 @@ $(VENV)/bin/python:
 	$(VENV)/bin/python -m pip install --upgrade pip
 
 $(VENV)/.fused_rnn-deps: | $(VENV)/bin/python
-	$(PIP) install torch ninja pybind11 pytest pytest-benchmark numpy matplotlib setuptools wheel
+	$(PIP) install torch ninja pybind11 pytest pytest-benchmark numpy matplotlib setuptools wheel build scikit-learn hypothesis
 	touch $@
 
 .build-stamp-external:
