@@ -58,9 +58,11 @@ Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem
                  const DeviceLimits& dev, int64_t regs_per_thread, const std::string& forced,
                  PersistentConfig* config);
 
-// Blocks of the per-step kernel for `rows` × `hidden` outputs: (column tiles, row tiles).
-inline int64_t step_grid_x(int64_t hidden) { return (hidden + kStepTile - 1) / kStepTile; }
-inline int64_t step_grid_y(int64_t rows) { return (rows + kStepTile - 1) / kStepTile; }
+// Blocks of the per-step kernel for `rows` × `hidden` outputs: row tiles on x (limit 2^31 − 1),
+// column tiles on y (limit 65535, so H ≤ 4,194,240).
+constexpr int64_t kMaxGridY = 65535;
+inline int64_t step_grid_x(int64_t rows) { return (rows + kStepTile - 1) / kStepTile; }
+inline int64_t step_grid_y(int64_t hidden) { return (hidden + kStepTile - 1) / kStepTile; }
 
 // The process-wide path override ("auto", "persistent", "per_step"), for tests and benchmarks.
 void set_forced_path(const std::string& path);

@@ -85,8 +85,8 @@ bool launch_persistent(const PersistentArgs<T>& args, const cuda_plan::Persisten
 template <typename T, bool kBackward>
 void launch_step(const StepRows<T>& st, const T* w, int64_t H, bool relu, cudaStream_t stream) {
   if (st.rows == 0 || H == 0) return;
-  const dim3 grid(static_cast<unsigned>(cuda_plan::step_grid_x(H)),
-                  static_cast<unsigned>(cuda_plan::step_grid_y(st.rows)));
+  const dim3 grid(static_cast<unsigned>(cuda_plan::step_grid_x(st.rows)),
+                  static_cast<unsigned>(cuda_plan::step_grid_y(H)));
   step_recurrence_kernel<T, kBackward><<<grid, kThreads, 0, stream>>>(st, w, H, relu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -189,6 +189,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cuda(
   const char* op = "fused_rnn::rnn_layer_forward";
   check_cuda(op, input);
   const LayerShape s = check_layer_args(op, input, hx, weights, batch_sizes, has_biases);
+  TORCH_CHECK(cuda_plan::step_grid_y(s.hidden) <= cuda_plan::kMaxGridY, op, ": hidden_size ",
+              s.hidden, " is larger than the CUDA kernels support (",
+              cuda_plan::kMaxGridY * cuda_plan::kStepTile, ")");
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor rows = input.reshape({s.schedule.rows, s.input_size}).contiguous();
   at::Tensor out = input_projection(rows, weights, s);

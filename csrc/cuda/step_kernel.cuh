@@ -24,8 +24,9 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int tx = tid % (kTile / kPer);  // n direction
   const int ty = tid / (kTile / kPer);  // m direction
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  // Row tiles on x (up to 2^31 − 1 blocks: any batch), column tiles on y (H ≤ 65535 · 64).
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTile;
 
   A acc[kPer][kPer];
 #pragma unroll

@@ -1,0 +1,268 @@
+"""Reliability: fuzzed parity with nn.RNN, hostile inputs, limits, leaks, threads, determinism."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+import fused_rnn
+
+from conftest import DEVICES, assert_close, make_pair
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def outputs_and_grads(module, x, h0):
+    out, hn = module(x, h0) if h0 is not None else module(x)
+    o = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+    loss = (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() + hn.sum()
+    params = list(module.parameters())
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=False)
+    return o, hn, grads
+
+
+CONFIG = st.fixed_dictionaries({
+    "input_size": st.integers(1, 9),
+    "hidden_size": st.integers(1, 17),
+    "num_layers": st.integers(1, 3),
+    "nonlinearity": st.sampled_from(["tanh", "relu"]),
+    "bias": st.booleans(),
+    "batch_first": st.booleans(),
+    "bidirectional": st.booleans(),
+    "dropout": st.sampled_from([0.0, 0.0, 0.3]),
+})
+
+
+@settings(max_examples=60, deadline=None, print_blob=True)
+@given(config=CONFIG, steps=st.integers(1, 9), batch=st.integers(1, 6),
+       dtype=st.sampled_from([torch.float64, torch.float32]), packed=st.booleans(),
+       with_h0=st.booleans(), train=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fuzzed_parity_with_nn_rnn(config, steps, batch, dtype, packed, with_h0, train, seed):
+    if config["num_layers"] == 1:
+        config = dict(config, dropout=0.0)
+    ref, fused = make_pair(seed=seed % 1000, dtype=dtype, **config)
+    ref.train(train)
+    fused.train(train)
+    g = torch.Generator().manual_seed(seed)
+    isz, hsz = config["input_size"], config["hidden_size"]
+    if packed:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=g).tolist()
+        x = pack_sequence([torch.randn(n, isz, generator=g, dtype=dtype) for n in lengths],
+                          enforce_sorted=False)
+    else:
+        shape = (batch, steps, isz) if config["batch_first"] else (steps, batch, isz)
+        x = torch.randn(*shape, generator=g, dtype=dtype)
+    d = 2 if config["bidirectional"] else 1
+    h0 = torch.randn(config["num_layers"] * d, batch, hsz, generator=g, dtype=dtype) \
+        if with_h0 else None
+    torch.manual_seed(seed)
+    a = outputs_and_grads(ref, x, h0)
+    torch.manual_seed(seed)
+    b = outputs_and_grads(fused, x, h0)
+    note = f"seed={seed} config={config} steps={steps} batch={batch} packed={packed}"
+    assert_close(b[0], a[0], dtype, f"output ({note})")
+    assert_close(b[1], a[1], dtype, f"h_n ({note})")
+    for i, (u, v) in enumerate(zip(b[2], a[2])):
+        assert_close(u, v, dtype, f"gradient {i} ({note})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_poison_the_same_positions(device):
+    ref, fused = make_pair(4, 5, 2, dtype=torch.float64, device=device, bidirectional=True)
+    x = torch.randn(6, 3, 4, dtype=torch.float64, device=device)
+    x[2, 1, 0] = float("nan")
+    x[4, 0, 3] = float("inf")
+    x[1, 2, 2] = -float("inf")
+    (o1, h1), (o2, h2) = ref(x), fused(x)
+    assert torch.equal(torch.isnan(o1), torch.isnan(o2))
+    assert torch.equal(torch.isnan(h1), torch.isnan(h2))
+    finite = ~torch.isnan(o1)
+    assert_close(o2[finite], o1[finite], torch.float64)
+
+
+def test_relu_nan_gradients_match():
+    ref, fused = make_pair(3, 4, 1, "relu", dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    x[1, 0, 1] = float("nan")
+    g = []
+    for m in (ref, fused):
+        out, _ = m(x)
+        g.append(torch.autograd.grad(out.nan_to_num().sum(), list(m.parameters())))
+    for a, b in zip(*g):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+
+
+def test_empty_batch_and_one_step():
+    ref, fused = make_pair(4, 5, 2, dtype=torch.float64, bidirectional=True)
+    for x in (torch.randn(3, 0, 4, dtype=torch.float64), torch.randn(1, 3, 4, dtype=torch.float64)):
+        x.requires_grad_()
+        (o1, h1), (o2, h2) = ref(x), fused(x)
+        assert o1.shape == o2.shape and h1.shape == h2.shape
+        assert_close(o2, o1, torch.float64)
+        if x.numel():
+            g1 = torch.autograd.grad(o1.sum() + h1.sum(), x)
+            g2 = torch.autograd.grad(o2.sum() + h2.sum(), x)
+            assert_close(g2[0], g1[0], torch.float64)
+
+
+def test_zero_length_sequence_errors_like_nn_rnn():
+    errs = []
+    for m in make_pair(4, 5):
+        with pytest.raises(RuntimeError) as info:
+            m(torch.randn(0, 3, 4, dtype=torch.float64))
+        errs.append(str(info.value))
+    assert errs[0] == errs[1]
+
+
+def test_very_long_sequence_is_linear_and_needs_no_recursion():
+    """T = 100 000, small H: forward and backward complete (no recursion limit, no per-step
+    Python), and agree with nn.RNN."""
+    ref, fused = make_pair(2, 4, 1, dtype=torch.float64)
+    x = torch.randn(100_000, 1, 2, dtype=torch.float64, requires_grad=True)
+    o2, h2 = fused(x)
+    (g2,) = torch.autograd.grad(o2.sum() + h2.sum(), x)
+    o1, h1 = ref(x)
+    (g1,) = torch.autograd.grad(o1.sum() + h1.sum(), x)
+    assert_close(o2, o1, torch.float64)
+    assert_close(g2, g1, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_transposed_hidden_states_and_batch_first_views(device):
+    ref, fused = make_pair(4, 5, 2, dtype=torch.float64, device=device, batch_first=True)
+    base = torch.randn(3, 2, 5, dtype=torch.float64, device=device)
+    h0 = base.transpose(0, 1)  # (2, 3, 5), non-contiguous
+    assert not h0.is_contiguous()
+    x = torch.randn(7, 3, 4, dtype=torch.float64, device=device).transpose(0, 1)  # (3, 7, 4) view
+    (o1, h1), (o2, h2) = ref(x, h0), fused(x, h0)
+    assert_close(o2, o1, torch.float64)
+    assert_close(h2, h1, torch.float64)
+    strided = torch.randn(3, 14, 4, dtype=torch.float64, device=device)[:, ::2]
+    assert_close(fused(strided)[0], ref(strided)[0], torch.float64)
+
+
+def test_parameter_cast_after_construction_errors_like_nn_rnn():
+    for name in ("weight_ih_l0", "weight_hh_l0", "bias_hh_l1"):
+        types = []
+        for m in make_pair(4, 5, 2, dtype=torch.float32):
+            p = getattr(m, name)
+            p.data = p.data.double()
+            with pytest.raises((RuntimeError, ValueError)) as info:
+                m(torch.randn(3, 2, 4))
+            types.append(type(info.value))
+        assert types[0] is types[1], name
+
+
+def test_hx_on_another_device_errors_like_nn_rnn():
+    errs = []
+    for m in make_pair(4, 5, dtype=torch.float32):
+        with pytest.raises(RuntimeError) as info:
+            m(torch.randn(3, 2, 4), torch.randn(1, 2, 5, device="meta"))
+        errs.append(str(info.value))
+    assert errs[0] == errs[1]
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_no_grad_and_inference_mode_save_nothing(mode):
+    _, fused = make_pair(4, 5, 2, dtype=torch.float32)
+    x = torch.randn(3, 2, 4)
+    with mode():
+        out, hn = fused(x)
+    assert out.grad_fn is None and hn.grad_fn is None and not out.requires_grad
+
+
+def test_determinism_on_cpu():
+    _, fused = make_pair(16, 32, 2, dtype=torch.float32, bidirectional=True)
+    x = torch.randn(20, 8, 16, requires_grad=True)
+    runs = []
+    for _ in range(3):
+        out, hn = fused(x)
+        grads = torch.autograd.grad(out.sum() + hn.sum(), [x, *fused.parameters()])
+        runs.append((out, hn, grads))
+    for r in runs[1:]:
+        assert torch.equal(r[0], runs[0][0]) and torch.equal(r[1], runs[0][1])
+        for a, b in zip(r[2], runs[0][2]):
+            assert torch.equal(a, b)
+
+
+def test_threads_give_the_sequential_results():
+    _, fused = make_pair(8, 16, 2, dtype=torch.float32, bidirectional=True)
+    inputs = [torch.randn(10, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with torch.no_grad():
+        want = [fused(x)[0] for x in inputs]
+    got = [None] * len(inputs)
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                with torch.no_grad():
+                    got[i] = fused(inputs[i])[0]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_no_leak_over_thousands_of_iterations():
+    _, fused = make_pair(16, 32, 2, dtype=torch.float32, bidirectional=True)
+    x = torch.randn(12, 4, 16, requires_grad=True)
+    packed = pack_sequence([torch.randn(n, 16) for n in (12, 9, 5, 2)])
+
+    def step():
+        out, hn = fused(x)
+        (out.sum() + hn.sum()).backward()
+        out, hn = fused(packed)
+        (out.data.sum() + hn.sum()).backward()
+
+    for _ in range(200):
+        step()
+    gc.collect()
+    before = _rss_bytes()
+    for _ in range(3000):
+        step()
+    gc.collect()
+    grown = _rss_bytes() - before
+    # 3000 iterations of a leak of even one small tensor (≥ 1 KiB) would add ≥ 3 MiB.
+    assert grown < 2 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_gpu_leak_and_double_backward_on_cuda():
+    ref, fused = make_pair(4, 6, 2, dtype=torch.float64, device="cuda", bidirectional=True)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    res = []
+    for m in (ref, fused):
+        out, hn = m(x)
+        (gx,) = torch.autograd.grad(out.tanh().sum() + hn.pow(2).sum(), x, create_graph=True)
+        res.append(torch.autograd.grad(gx.pow(2).sum(), [x, *m.parameters()]))
+    for a, b in zip(*res):
+        assert_close(b, a, torch.float64)
+    for _ in range(50):
+        fused(x)[0].sum().backward()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(1000):
+        fused(x)[0].sum().backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
