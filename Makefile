@@ -42,3 +42,19 @@ bench-pytest: build
 
 clean:
 	rm -rf build *.egg-info fused_rnn/*.so .build-stamp-external
+
+# AddressSanitizer + UndefinedBehaviorSanitizer: a CPU-only copy of the extension built with them
+# in build/asan, and the CPU tests run against it (the sanitizer runtimes preloaded into Python).
+PYRUN := $(if $(findstring /,$(PY)),$(abspath $(PY)),$(PY))
+SAN_TESTS ?= tests/test_parity.py tests/test_ops.py tests/test_module.py tests/test_reliability.py
+sanitize: $(STAMP)
+	rm -rf build/asan && mkdir -p build/asan
+	cp -r fused_rnn tests csrc setup.py pyproject.toml MANIFEST.in README.md build/asan/
+	rm -f build/asan/fused_rnn/_C*.so
+	cd build/asan && FUSED_RNN_SANITIZE=1 FUSED_RNN_CUDA=0 $(PYRUN) setup.py -q build_ext --inplace
+	cd build/asan && export PYTHONPATH=$$PWD \
+	  LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 && \
+	  $(PYRUN) -c "import fused_rnn._ops as o; f = o._C.__file__; print('sanitized build:', f); assert '/build/asan/' in f" && \
+	  $(PYRUN) -m pytest -q -p no:cacheprovider $(SAN_TESTS) $(PYTEST_ARGS)
