@@ -42,6 +42,26 @@ import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it 
 from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,  # noqa: E402
                                        CUDAExtension)
 
+# Headers of the CUDA libraries ATen's CUDA context includes; the toolkit folder may lack them.
+CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cublasLt.h", "cusparse.h", "cusolverDn.h")
+
+
+def cuda_library_include_dirs():
+    """Folders holding CUDA library headers the toolkit lacks, from torch's pip `nvidia` packages
+    (nvidia/cu13/include, nvidia/cublas/include, ...). They are passed with -isystem, so they come
+    after the toolkit's own include folder: its CUDA runtime headers stay the ones nvcc matches."""
+    toolkit = os.path.join(CUDA_HOME or "", "include")
+    missing = [h for h in CUDA_LIBRARY_HEADERS if not os.path.exists(os.path.join(toolkit, h))]
+    if not missing:
+        return []
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    found = []
+    for folder in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
+        if any(os.path.exists(os.path.join(folder, h)) for h in missing):
+            found.append(folder)
+    return found
+
+
 def default_max_jobs():
     """One job per core, but no more than one per 3 GiB of memory (nvcc peaks near that)."""
     cores = os.cpu_count() or 1
@@ -86,6 +106,8 @@ use_cuda = want_cuda() and bool(cuda_sources) and not sanitize
 if use_cuda:
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                   "-Werror=all-warnings", "-Xptxas=-v,-warn-spills", "-DFUSED_RNN_WITH_CUDA"]
+    for folder in cuda_library_include_dirs():
+        nvcc_flags += ["-isystem", folder]
     ext = CUDAExtension(
         "fused_rnn._C",
         sources + cuda_sources,

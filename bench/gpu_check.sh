@@ -34,13 +34,17 @@ cat "$REPORT/env.txt" >> "$LOG"
 stage build "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 stage tests "$PY" -m pytest -q -p no:cacheprovider tests
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+PATHS="persistent per_step per_step_cublas"
+STAGES="build tests"
 for tool in memcheck racecheck synccheck; do
-  for path in persistent per_step; do
+  for path in $PATHS; do
+    STAGES="$STAGES sanitizer-$tool-$path"
     stage "sanitizer-$tool-$path" "$SAN" --tool "$tool" --error-exitcode 3 "$PY" bench/sanitize_case.py --path "$path"
   done
 done
 TMP=$(mktemp -d)
 for dtype in float32 bfloat16; do
+  STAGES="$STAGES bench-$dtype"
   stage "bench-$dtype" "$PY" -m bench.run --device cuda --dtype "$dtype" --layers 1 --bidirectional no --out "$TMP/$dtype"
   for f in results.json results.md speedup.png; do
     [ -f "$TMP/$dtype/$f" ] && cp "$TMP/$dtype/$f" "$REPORT/$dtype-$f"
@@ -56,9 +60,7 @@ done
   echo
   echo "| stage | result |"
   echo "|---|---|"
-  for k in build tests sanitizer-memcheck-persistent sanitizer-memcheck-per_step \
-           sanitizer-racecheck-persistent sanitizer-racecheck-per_step \
-           sanitizer-synccheck-persistent sanitizer-synccheck-per_step bench-float32 bench-bfloat16; do
+  for k in $STAGES; do
     echo "| $k | ${STATUS[$k]:-not run} |"
   done
   for dtype in float32 bfloat16; do

@@ -13,7 +13,7 @@ from fused_rnn import _ops
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--path", choices=["persistent", "per_step"], required=True)
+    p.add_argument("--path", choices=["persistent", "per_step", "per_step_cublas"], required=True)
     p.add_argument("--dtype", default="float32")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)

@@ -9,7 +9,7 @@ namespace fused_rnn::cuda_plan {
 
 std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directions,
                                                 int64_t elem_bytes, const DeviceLimits& dev,
-                                                int64_t regs_per_thread) {
+                                                const KernelRegs& regs) {
   if (hidden <= 0 || directions <= 0 || dev.sm_count <= 0) return std::nullopt;
   for (const int64_t rows : kPersistentRowChoices) {
     // 32 double accumulators per thread spill registers (ptxas report): not built, not planned.
@@ -23,6 +23,7 @@ std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directio
     if (c.smem_bytes > dev.smem_per_block_optin) continue;
     const int64_t by_smem = dev.smem_per_sm / (c.smem_bytes + kReservedSmemPerBlock);
     const int64_t by_threads = dev.max_threads_per_sm / c.threads;
+    const int64_t regs_per_thread = regs.for_rows(rows);
     const int64_t by_regs =
         regs_per_thread > 0 ? dev.regs_per_sm / (regs_per_thread * c.threads) : by_threads;
     const int64_t per_sm = std::min({by_smem, by_threads, by_regs});
@@ -31,14 +32,42 @@ std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directio
   return std::nullopt;
 }
 
+namespace {
+bool valid_path_name(const std::string& path) {
+  return path == "auto" || path == "persistent" || path == "per_step" || path == "per_step_cublas";
+}
+constexpr const char* kPathNames = "'auto', 'persistent', 'per_step' or 'per_step_cublas'";
+}  // namespace
+
+const char* path_name(Path path) {
+  switch (path) {
+    case Path::kPersistent:
+      return "persistent";
+    case Path::kPerStep:
+      return "per_step";
+    case Path::kPerStepCublas:
+      return "per_step_cublas";
+  }
+  return "?";
+}
+
+Path per_step_path(int64_t hidden, int64_t batch, int64_t elem_bytes) {
+  if (elem_bytes == 2) return Path::kPerStepCublas;  // tensor cores
+  // batch · hidden² without overflow: compare against the threshold stepwise.
+  if (hidden > 0 && batch >= (kCublasStepMinMacs + hidden * hidden - 1) / (hidden * hidden)) {
+    return Path::kPerStepCublas;
+  }
+  return Path::kPerStep;
+}
+
 Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem_bytes,
-                 const DeviceLimits& dev, int64_t regs_per_thread, const std::string& forced,
+                 const DeviceLimits& dev, const KernelRegs& regs, const std::string& forced,
                  PersistentConfig* config) {
-  TORCH_CHECK(forced == "auto" || forced == "persistent" || forced == "per_step",
-              "fused_rnn: CUDA path must be 'auto', 'persistent' or 'per_step', got '", forced,
-              "'");
+  TORCH_CHECK(valid_path_name(forced), "fused_rnn: CUDA path must be ", kPathNames, ", got '",
+              forced, "'");
   if (forced == "per_step") return Path::kPerStep;
-  const auto plan = plan_persistent(hidden, directions, elem_bytes, dev, regs_per_thread);
+  if (forced == "per_step_cublas") return Path::kPerStepCublas;
+  const auto plan = plan_persistent(hidden, directions, elem_bytes, dev, regs);
   if (forced == "persistent") {
     TORCH_CHECK(plan.has_value(), "fused_rnn: the persistent path was forced, but W_hh (hidden ",
                 hidden, ", ", directions, " direction(s), ", elem_bytes,
@@ -50,7 +79,7 @@ Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem
     *config = *plan;
     return Path::kPersistent;
   }
-  return Path::kPerStep;
+  return per_step_path(hidden, batch, elem_bytes);
 }
 
 namespace {
@@ -65,8 +94,8 @@ std::string& path_value() {
 }  // namespace
 
 void set_forced_path(const std::string& path) {
-  TORCH_CHECK(path == "auto" || path == "persistent" || path == "per_step",
-              "fused_rnn: CUDA path must be 'auto', 'persistent' or 'per_step', got '", path, "'");
+  TORCH_CHECK(valid_path_name(path), "fused_rnn: CUDA path must be ", kPathNames, ", got '", path,
+              "'");
   std::lock_guard<std::mutex> lock(path_mutex());
   path_value() = path;
 }

@@ -7,6 +7,11 @@
 //               sequence; a grid-wide barrier separates steps. Needs every block co-resident.
 //   per_step    one launch per step and direction: a tiled GEMM of h_{t-1} (or dA_{t±1}) with W_hh
 //               whose epilogue adds P_t (or dH_t) and applies the activation (or act').
+//   per_step_cublas
+//               two launches per step and direction: cuBLAS computes the step's GEMM term in the
+//               accumulation type (tensor cores for half types, TF32 as torch's matmul flag says),
+//               then the same epilogue as a pointwise kernel. For GEMMs big enough that cuBLAS's
+//               tiles beat ours, and for half types.
 #pragma once
 
 #include <cstdint>
@@ -32,7 +37,9 @@ struct PersistentConfig {
   int64_t directions = 1;
 };
 
-enum class Path { kPersistent, kPerStep };
+enum class Path { kPersistent, kPerStep, kPerStepCublas };
+
+const char* path_name(Path path);
 
 constexpr int64_t kPersistentThreads = 256;
 constexpr int64_t kPersistentRowChoices[] = {8, 16, 32};
@@ -42,6 +49,18 @@ constexpr int64_t kReservedSmemPerBlock = 1024;
 // one-warp-per-row dot products (a starting point; tune with the benchmark on a GPU).
 constexpr int64_t kPersistentMaxBatch = 128;
 
+// Registers per thread of the persistent kernel for R = 8, 16, 32 (cudaFuncGetAttributes; 0 =
+// unknown, then only shared memory and threads limit the blocks per SM).
+struct KernelRegs {
+  int64_t rows8 = 0, rows16 = 0, rows32 = 0;
+  int64_t for_rows(int64_t rows) const { return rows == 8 ? rows8 : rows == 16 ? rows16 : rows32; }
+};
+
+// The per-step path hands the step's GEMM to cuBLAS at and above this many multiply-adds
+// (batch · hidden²) and always for 2-byte types; below it the fused tile kernel's single launch wins.
+// A starting point; tune with the benchmark on a GPU.
+constexpr int64_t kCublasStepMinMacs = int64_t{1} << 22;
+
 // Per-step kernel geometry: 64 × 64 output tiles, 256 threads.
 constexpr int64_t kStepTile = 64;
 constexpr int64_t kStepThreads = 256;
@@ -50,12 +69,16 @@ constexpr int64_t kStepThreads = 256;
 // threads and registers per SM, co-residency of the whole grid), or none.
 std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directions,
                                                 int64_t elem_bytes, const DeviceLimits& dev,
-                                                int64_t regs_per_thread);
+                                                const KernelRegs& regs);
+
+// Which per-step variant runs a layer: cuBLAS + epilogue, or the fused tile kernel.
+Path per_step_path(int64_t hidden, int64_t batch, int64_t elem_bytes);
 
 // The path for a layer: persistent when it fits and the batch is small enough, else per-step.
-// `forced` is "auto", "persistent" or "per_step"; forcing persistent where it cannot run throws.
+// `forced` is "auto", "persistent", "per_step" or "per_step_cublas"; forcing persistent where it
+// cannot run throws.
 Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem_bytes,
-                 const DeviceLimits& dev, int64_t regs_per_thread, const std::string& forced,
+                 const DeviceLimits& dev, const KernelRegs& regs, const std::string& forced,
                  PersistentConfig* config);
 
 // Blocks of the per-step kernel for `rows` × `hidden` outputs: row tiles on x (limit 2^31 − 1),
@@ -64,7 +87,17 @@ constexpr int64_t kMaxGridY = 65535;
 inline int64_t step_grid_x(int64_t rows) { return (rows + kStepTile - 1) / kStepTile; }
 inline int64_t step_grid_y(int64_t hidden) { return (hidden + kStepTile - 1) / kStepTile; }
 
-// The process-wide path override ("auto", "persistent", "per_step"), for tests and benchmarks.
+// Grid of the per_step_cublas epilogue kernel for rows × hidden outputs: column blocks on x, rows
+// on y, each capped (the kernel grid-strides over the rest).
+constexpr int64_t kEpilogueMaxBlocksX = 1024;
+inline int64_t epilogue_grid_x(int64_t hidden) {
+  const int64_t blocks = (hidden + kStepThreads - 1) / kStepThreads;
+  return blocks < kEpilogueMaxBlocksX ? blocks : kEpilogueMaxBlocksX;
+}
+inline int64_t epilogue_grid_y(int64_t rows) { return rows < kMaxGridY ? rows : kMaxGridY; }
+
+// The process-wide path override ("auto", "persistent", "per_step", "per_step_cublas"), for tests
+// and benchmarks.
 void set_forced_path(const std::string& path);
 std::string forced_path();
 

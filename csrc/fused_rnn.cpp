@@ -35,23 +35,27 @@ PyObject* has_cuda_kernels(PyObject*, PyObject*) {
 }
 
 // plan_cuda_path(hidden, batch, directions, elem_bytes, sm_count, smem_per_sm,
-//                smem_per_block_optin, max_threads_per_sm, regs_per_sm, regs_per_thread, forced)
+//                smem_per_block_optin, max_threads_per_sm, regs_per_sm,
+//                regs_rows8, regs_rows16, regs_rows32, forced)
 //   -> (path, rows_per_block, blocks_per_direction, threads, smem_bytes)
 PyObject* plan_cuda_path(PyObject*, PyObject* args) {
-  long long hidden, batch, directions, elem_bytes, regs_per_thread;
+  long long hidden, batch, directions, elem_bytes;
   fused_rnn::cuda_plan::DeviceLimits dev{};
-  long long sm, smem_sm, smem_block, threads_sm, regs_sm;
+  fused_rnn::cuda_plan::KernelRegs regs{};
+  long long sm, smem_sm, smem_block, threads_sm, regs_sm, r8, r16, r32;
   const char* forced = "auto";
-  if (!PyArg_ParseTuple(args, "LLLLLLLLLL|s", &hidden, &batch, &directions, &elem_bytes, &sm,
-                        &smem_sm, &smem_block, &threads_sm, &regs_sm, &regs_per_thread, &forced)) {
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLL|s", &hidden, &batch, &directions, &elem_bytes, &sm,
+                        &smem_sm, &smem_block, &threads_sm, &regs_sm, &r8, &r16, &r32,
+                        &forced)) {
     return nullptr;
   }
   dev = {sm, smem_sm, smem_block, threads_sm, regs_sm};
+  regs = {r8, r16, r32};
   try {
     fused_rnn::cuda_plan::PersistentConfig cfg;
     const auto path = fused_rnn::cuda_plan::choose_path(hidden, batch, directions, elem_bytes, dev,
-                                                        regs_per_thread, forced, &cfg);
-    const char* name = path == fused_rnn::cuda_plan::Path::kPersistent ? "persistent" : "per_step";
+                                                        regs, forced, &cfg);
+    const char* name = fused_rnn::cuda_plan::path_name(path);
     return Py_BuildValue("(sLLLL)", name, static_cast<long long>(cfg.rows_per_block),
                          static_cast<long long>(cfg.blocks_per_direction),
                          static_cast<long long>(cfg.threads),
@@ -82,7 +86,7 @@ PyMethodDef methods[] = {
     {"plan_cuda_path", plan_cuda_path, METH_VARARGS,
      "The CUDA path heuristic for given sizes and device limits (no GPU needed)."},
     {"set_cuda_path", set_cuda_path, METH_VARARGS,
-     "Force the CUDA recurrence path: 'auto', 'persistent' or 'per_step'."},
+     "Force the CUDA recurrence path: 'auto', 'persistent', 'per_step' or 'per_step_cublas'."},
     {"get_cuda_path", get_cuda_path, METH_NOARGS, "The forced CUDA path ('auto' unless set)."},
     {"cpu_gemm_path", cpu_gemm_path, METH_NOARGS,
      "Which GEMM the CPU recurrence calls per step: 'blas' (direct) or 'aten'."},

@@ -80,12 +80,14 @@ def has_native_kernel(device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(FORWARD, key)
 
 
-CUDA_PATHS = ("auto", "persistent", "per_step")
+CUDA_PATHS = ("auto", "persistent", "per_step", "per_step_cublas")
 
 
 def set_cuda_path(path: str) -> None:
     """Force the CUDA recurrence path for the whole process: "auto" (the heuristic), "persistent"
-    or "per_step". For tests and benchmarks; "persistent" raises where it cannot run."""
+    (one cooperative launch, W_hh on-chip), "per_step" (one fused GEMM + activation launch per
+    step) or "per_step_cublas" (cuBLAS GEMM + fused pointwise epilogue per step). For tests and
+    benchmarks; "persistent" raises where it cannot run."""
     if path not in CUDA_PATHS:
         raise ValueError(f"CUDA path must be one of {CUDA_PATHS}, got {path!r}")
     if _C is not None:
@@ -110,15 +112,20 @@ def cuda_path(path: str) -> Iterator[None]:
 def plan_cuda_path(hidden: int, batch: int, directions: int, dtype: torch.dtype,
                    props: dict, forced: str = "auto") -> dict:
     """The CUDA path the extension picks for a layer, from device properties given as a dict with
-    sm_count, smem_per_sm, smem_per_block_optin, max_threads_per_sm, regs_per_sm (real or made up:
-    no GPU is needed). Returns path, rows_per_block, blocks_per_direction, threads, smem_bytes."""
+    sm_count, smem_per_sm, smem_per_block_optin, max_threads_per_sm, regs_per_sm, and optionally
+    regs_per_thread of the persistent kernel (an int, or a dict by rows per block 8/16/32), real or
+    made up: no GPU is needed. Returns path, rows_per_block, blocks_per_direction, threads,
+    smem_bytes."""
     if _C is None:
         raise RuntimeError("fused_rnn: the native extension is not loaded")
     elem = torch.empty(0, dtype=dtype).element_size()
+    regs = props.get("regs_per_thread", 0)
+    if isinstance(regs, int):
+        regs = {8: regs, 16: regs, 32: regs}
     path, rows, blocks, threads, smem = _C.plan_cuda_path(
         hidden, batch, directions, elem, props["sm_count"], props["smem_per_sm"],
         props["smem_per_block_optin"], props["max_threads_per_sm"], props["regs_per_sm"],
-        props.get("regs_per_thread", 0), forced)
+        regs.get(8, 0), regs.get(16, 0), regs.get(32, 0), forced)
     return {"path": path, "rows_per_block": rows, "blocks_per_direction": blocks,
             "threads": threads, "smem_bytes": smem}
 

@@ -21,7 +21,7 @@ from conftest import assert_close, make_input, make_pair, requires_cuda, run_and
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
-PATHS = ["persistent", "per_step"]
+PATHS = ["persistent", "per_step", "per_step_cublas"]
 CASES = list(itertools.product(
     ["tanh", "relu"], [True, False], [False, True], [1, 2], ["padded", "packed", "unbatched"]))
 
@@ -111,14 +111,15 @@ def test_gradcheck_every_path(path, packed):
     assert torch.autograd.gradgradcheck(fn, (x, h0, *ps))
 
 
-def test_long_sequence_persistent_matches_per_step():
+def test_long_sequence_every_path_agrees():
     _, fused = make_pair(16, 128, 1, dtype=torch.float32, device="cuda")
     x = torch.randn(2000, 4, 16, device="cuda")
     with _ops.cuda_path("persistent"):
         a = fused(x)[0]
-    with _ops.cuda_path("per_step"):
-        b = fused(x)[0]
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for other in ("per_step", "per_step_cublas"):
+        with _ops.cuda_path(other):
+            b = fused(x)[0]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_non_default_stream_and_device_guard():

@@ -49,20 +49,56 @@ def test_small_and_medium_layers_run_persistent_on_h100():
     assert plan(2048, directions=2, dtype=torch.bfloat16)["path"] == "persistent"
 
 
-def test_weights_too_large_for_the_chip_take_the_per_step_path():
-    # fp32 W_hh of two 2048-wide directions is 32 MiB: more than 132 SMs' shared memory.
-    assert plan(2048, directions=2, dtype=torch.float32)["path"] == "per_step"
-    assert plan(4096, dtype=torch.float32)["path"] == "per_step"
-    assert plan(1024, props=TINY)["path"] == "per_step"
+def test_weights_too_large_for_the_chip_take_a_per_step_path():
+    # fp32 W_hh of two 2048-wide directions is 32 MiB: more than 132 SMs' shared memory. Its steps'
+    # GEMMs (8 × 2048 × 2048 multiply-adds) are big enough for cuBLAS.
+    assert plan(2048, directions=2, dtype=torch.float32)["path"] == "per_step_cublas"
+    assert plan(4096, dtype=torch.float32)["path"] == "per_step_cublas"
+    # A small GEMM on a device too small for the persistent grid: the fused tile kernel.
+    assert plan(256, batch=8, props=TINY)["path"] == "per_step"
+    assert plan(1024, batch=1, props=TINY)["path"] == "per_step"
 
 
-def test_large_batches_take_the_per_step_path():
+def test_large_batches_take_a_per_step_path():
     assert plan(512, batch=128)["path"] == "persistent"
-    assert plan(512, batch=256)["path"] == "per_step"
+    assert plan(512, batch=256)["path"] == "per_step_cublas"   # 2^26 multiply-adds per step
+    assert plan(64, batch=256)["path"] == "per_step"           # 2^20: one fused launch wins
+
+
+def test_half_types_off_the_persistent_path_use_tensor_cores():
+    for dtype in (torch.float16, torch.bfloat16):
+        assert plan(64, batch=256, dtype=dtype)["path"] == "per_step_cublas"
+        assert plan(256, batch=8, dtype=dtype, props=TINY)["path"] == "per_step_cublas"
+
+
+def test_cublas_threshold_is_batch_times_hidden_squared():
+    # 2^22 multiply-adds per step: H = 256 needs a batch of 64; one row less stays fused.
+    assert plan(256, batch=64, props=TINY)["path"] == "per_step_cublas"
+    assert plan(256, batch=63, props=TINY)["path"] == "per_step"
+    assert plan(2048, batch=1, props=TINY)["path"] == "per_step_cublas"
+
+
+def test_registers_per_thread_limit_the_blocks_per_sm():
+    # H = 2048 fp32 with R = 8 needs 256 blocks: 2 per SM. At 255 registers × 256 threads only one
+    # block fits per SM, so the planner takes R = 16 (128 blocks).
+    assert plan(2048, batch=8)["rows_per_block"] == 8
+    p = plan(2048, batch=8, props=dict(H100, regs_per_thread=255))
+    assert (p["path"], p["rows_per_block"], p["blocks_per_direction"]) == ("persistent", 16, 128)
+    # Only the kernel of the planned R counts.
+    p = plan(2048, batch=8, props=dict(H100, regs_per_thread={8: 128, 16: 255, 32: 255}))
+    assert p["rows_per_block"] == 8
+    # A100, bf16: R = 8 (256 blocks) and R = 16 (128 blocks) need 2 blocks on some of the 108 SMs;
+    # with those kernels at 255 registers only R = 32 (64 blocks) fits.
+    p = plan(2048, batch=8, dtype=torch.bfloat16, props=A100)
+    assert p["rows_per_block"] == 8
+    regs = {8: 255, 16: 255, 32: 64}
+    p = plan(2048, batch=8, dtype=torch.bfloat16, props=dict(A100, regs_per_thread=regs))
+    assert (p["path"], p["rows_per_block"]) == ("persistent", 32)
 
 
 def test_forcing():
     assert plan(512, forced="per_step")["path"] == "per_step"
+    assert plan(8, batch=1, forced="per_step_cublas")["path"] == "per_step_cublas"
     assert plan(512, batch=1024, forced="persistent")["path"] == "persistent"
     with pytest.raises(RuntimeError, match="does not fit on-chip"):
         plan(4096, forced="persistent")
@@ -76,6 +112,8 @@ def test_process_wide_override_round_trips():
         assert _ops.get_cuda_path() == "per_step"
         with _ops.cuda_path("persistent"):
             assert _ops.get_cuda_path() == "persistent"
+            with _ops.cuda_path("per_step_cublas"):
+                assert _ops.get_cuda_path() == "per_step_cublas"
         assert _ops.get_cuda_path() == "per_step"
     assert _ops.get_cuda_path() == "auto"
     with pytest.raises(ValueError):

@@ -3,14 +3,21 @@
 // The input projection and the whole-sequence gradient GEMMs go through ATen (cuBLAS), one call each,
 // shared with the CPU code. The recurrence runs on one of two paths (../cuda_plan.h): persistent (one
 // cooperative launch, W_hh on-chip, grid barrier per step; both directions in the same grid) or
-// per-step (a fused GEMM + epilogue launch per step; the two directions on two streams).
+// per-step (a fused GEMM + epilogue launch per step, or a cuBLAS GEMM + epilogue launch per step for
+// big GEMMs and half types; the two directions on two streams).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../cuda_plan.h"
@@ -57,8 +64,25 @@ const void* persistent_kernel_for(int64_t rows) {
   }
 }
 
+// Registers per thread of each built persistent kernel, for the planner.
+template <typename T, bool kBackward>
+cuda_plan::KernelRegs persistent_kernel_regs() {
+  auto regs = [](int64_t rows) -> int64_t {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, persistent_kernel_for<T, kBackward>(rows)));
+    return attr.numRegs;
+  };
+  cuda_plan::KernelRegs r;
+  r.rows8 = regs(8);
+  r.rows16 = regs(16);
+  if constexpr (!std::is_same_v<T, double>) r.rows32 = regs(32);
+  return r;
+}
+
 // Launches the persistent kernel if every block can be co-resident; returns false (nothing
-// launched) if not, so that the caller takes the per-step path.
+// launched) if not, so that the caller takes a per-step path. The runtime has the last word: a
+// cooperative launch it refuses as too large (another process's MPS share, a smaller partition)
+// also returns false.
 template <typename T, bool kBackward>
 bool launch_persistent(const PersistentArgs<T>& args, const cuda_plan::PersistentConfig& cfg,
                        int device, int64_t sm_count, cudaStream_t stream) {
@@ -76,9 +100,14 @@ bool launch_persistent(const PersistentArgs<T>& args, const cuda_plan::Persisten
   if (static_cast<int64_t>(per_sm) * sm_count < blocks) return false;
   PersistentArgs<T> a = args;
   void* params[] = {&a};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(blocks)),
-                                             dim3(static_cast<unsigned>(cfg.threads)), params,
-                                             static_cast<size_t>(smem), stream));
+  const cudaError_t err = cudaLaunchCooperativeKernel(
+      kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(cfg.threads)), params,
+      static_cast<size_t>(smem), stream);
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // clear the launch error: nothing ran, the caller falls back
+    return false;
+  }
+  C10_CUDA_CHECK(err);
   return true;
 }
 
@@ -91,6 +120,69 @@ void launch_step(const StepRows<T>& st, const T* w, int64_t H, bool relu, cudaSt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// cuBLAS types of the per_step_cublas path: T in, acc_t<T> out, acc_t<T> compute (TF32 for float
+// only where torch's matmul flag allows it, as at::mm would).
+template <typename T>
+constexpr cudaDataType_t blas_type() {
+  if constexpr (std::is_same_v<T, double>) return CUDA_R_64F;
+  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+  if constexpr (std::is_same_v<T, c10::Half>) return CUDA_R_16F;
+  return CUDA_R_16BF;
+}
+
+template <typename T>
+cublasComputeType_t blas_compute() {
+  if constexpr (std::is_same_v<T, double>) return CUBLAS_COMPUTE_64F;
+  if constexpr (std::is_same_v<T, float>) {
+    return at::globalContext().allowTF32CuBLAS() ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                                 : CUBLAS_COMPUTE_32F;
+  }
+  return CUBLAS_COMPUTE_32F;
+}
+
+// ws (rows × H, acc_t<T>, row-major) = A · op(W), A rows `lda` apart; op(W) = W_hhᵀ forward, W_hh
+// backward (W_hh row-major H × H). cuBLAS is column-major, so it computes wsᵀ = op(W)ᵀ · Aᵀ.
+template <typename T, bool kBackward>
+void blas_step_gemm(cublasHandle_t handle, const T* w, const T* a, int64_t lda, int64_t rows,
+                    int64_t H, acc_t<T>* ws) {
+  if (rows == 0) return;
+  const acc_t<T> one(1), zero(0);
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      handle, kBackward ? CUBLAS_OP_N : CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H),
+      static_cast<int>(rows), static_cast<int>(H), &one, w, blas_type<T>(), static_cast<int>(H), a,
+      blas_type<T>(), static_cast<int>(lda), &zero, ws, blas_type<acc_t<T>>(), static_cast<int>(H),
+      blas_compute<T>(), CUBLAS_GEMM_DEFAULT));
+}
+
+// One step of the per_step_cublas path on the current stream: the GEMM term of the rows that have
+// one (a1 rows, then a2 rows), then the epilogue kernel.
+template <typename T, bool kBackward>
+void cublas_step(const StepRows<T>& st, const T* w, int64_t H, bool relu, acc_t<T>* ws) {
+  if (st.rows == 0 || H == 0) return;
+  const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  blas_step_gemm<T, kBackward>(handle, w, st.a1, st.lda1, st.cont, H, ws);
+  int64_t gemm_rows = st.cont;
+  if (st.a2 != nullptr) {
+    blas_step_gemm<T, kBackward>(handle, w, st.a2 + st.cont * st.lda2, st.lda2, st.rows - st.cont,
+                                 H, ws + st.cont * H);
+    gemm_rows = st.rows;
+  }
+  const dim3 grid(static_cast<unsigned>(cuda_plan::epilogue_grid_x(H)),
+                  static_cast<unsigned>(cuda_plan::epilogue_grid_y(st.rows)));
+  step_epilogue_kernel<T, kBackward>
+      <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(st, ws, gemm_rows, H, relu);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A host vector of int64 on the device: a pinned staging copy, copied without blocking the host
+// (pageable copies synchronise, and break CUDA graph capture).
+at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(values.size())},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(values.begin(), values.end(), host.data_ptr<int64_t>());
+  return host.to(device, /*non_blocking=*/true);
+}
+
 // Runs the recurrence of every direction over buf, on the path the plan picks.
 //   forward: buf = output holding P; h0/hn per direction.  backward: buf = dA holding dH.
 template <typename T, bool kBackward>
@@ -101,18 +193,18 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   if (steps == 0 || s.schedule.rows == 0) return;
   const int device = buf.get_device();
   const auto dev_index = static_cast<c10::DeviceIndex>(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev_index).stream();
+  const c10::cuda::CUDAStream main_stream = c10::cuda::getCurrentCUDAStream(dev_index);
   const cuda_plan::DeviceLimits dev = device_limits(device);
   cuda_plan::PersistentConfig cfg;
   const std::string forced = cuda_plan::forced_path();
-  const cuda_plan::Path path =
-      cuda_plan::choose_path(H, s.schedule.batch, D, sizeof(T), dev, 0, forced, &cfg);
+  cuda_plan::Path path = cuda_plan::choose_path(H, s.schedule.batch, D, sizeof(T), dev,
+                                                persistent_kernel_regs<T, kBackward>(), forced,
+                                                &cfg);
 
   if (path == cuda_plan::Path::kPersistent) {
     std::vector<int64_t> sched(s.schedule.bs);
     sched.insert(sched.end(), s.schedule.offset.begin(), s.schedule.offset.end());
-    const at::Tensor sched_dev =
-        at::tensor(sched, at::TensorOptions().dtype(at::kLong)).to(buf.device());
+    const at::Tensor sched_dev = to_device(sched, buf.device());
     PersistentArgs<T> a;
     a.steps = steps;
     a.H = H;
@@ -132,27 +224,40 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
         a.hn[d] = hn[d].data_ptr<T>();
       }
     }
-    if (launch_persistent<T, kBackward>(a, cfg, device, dev.sm_count, stream)) return;
+    if (launch_persistent<T, kBackward>(a, cfg, device, dev.sm_count, main_stream.stream())) {
+      return;
+    }
     TORCH_CHECK(forced != "persistent",
                 "fused_rnn: the persistent path was forced, but its grid of ",
                 cfg.blocks_per_direction * D, " blocks cannot be co-resident on this device");
+    path = cuda_plan::per_step_path(H, s.schedule.batch, sizeof(T));
   }
 
   // Per-step: direction 0 on the current stream, direction 1 on a pool stream, joined at the end.
-  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, dev_index);
+  const bool use_blas = path == cuda_plan::Path::kPerStepCublas;
+  at::Tensor ws;  // per direction: the GEMM term of a step (B × H, accumulation type)
+  if (use_blas) {
+    const auto acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
+    ws = at::empty({D, s.schedule.batch, H}, buf.options().dtype(acc));
+  }
+  std::optional<c10::cuda::CUDAStream> side;
   cudaEvent_t start = nullptr, done = nullptr;
   if (D == 2) {
+    side = c10::cuda::getStreamFromPool(false, dev_index);
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&start, cudaEventDisableTiming));
     C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-    C10_CUDA_CHECK(cudaEventRecord(start, stream));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), start, 0));
+    C10_CUDA_CHECK(cudaEventRecord(start, main_stream.stream()));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side->stream(), start, 0));
   }
   const int64_t* bs = s.schedule.bs.data();
   const int64_t* off = s.schedule.offset.data();
   for (int64_t d = 0; d < D; ++d) {
-    const cudaStream_t st_stream = d == 0 ? stream : side.stream();
+    // The guard makes this direction's stream current, so cuBLAS's handle is bound to it too.
+    const c10::cuda::CUDAStreamGuard stream_guard(d == 0 ? main_stream : *side);
+    const cudaStream_t stream = d == 0 ? main_stream.stream() : side->stream();
     T* base = buf.data_ptr<T>() + d * H;
     const T* w = whh[d].data_ptr<T>();
+    acc_t<T>* ws_d = use_blas ? ws[d].data_ptr<acc_t<T>>() : nullptr;
     for (int64_t step = 0; step < steps; ++step) {
       StepRows<T> st;
       if constexpr (kBackward) {
@@ -162,12 +267,16 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
         st = forward_step<T>(step, d == 1, steps, bs, off, base, ld, h0[d].data_ptr<T>(),
                              hn[d].data_ptr<T>(), H);
       }
-      launch_step<T, kBackward>(st, w, H, relu, st_stream);
+      if (use_blas) {
+        cublas_step<T, kBackward>(st, w, H, relu, ws_d);
+      } else {
+        launch_step<T, kBackward>(st, w, H, relu, stream);
+      }
     }
   }
   if (D == 2) {
-    C10_CUDA_CHECK(cudaEventRecord(done, side.stream()));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, done, 0));
+    C10_CUDA_CHECK(cudaEventRecord(done, side->stream()));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(main_stream.stream(), done, 0));
     C10_CUDA_CHECK(cudaEventDestroy(start));
     C10_CUDA_CHECK(cudaEventDestroy(done));
   }
@@ -179,8 +288,18 @@ std::vector<at::Tensor> contiguous_w_hh(at::TensorList weights, const LayerShape
   return out;
 }
 
+// The CUDA entry checks before the shared argument checks, and the sizes the kernels support after.
 void check_cuda(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.is_cuda(), op, ": expected CUDA tensors, got input on ", input.device());
+}
+
+void check_cuda_limits(const char* op, const LayerShape& s) {
+  TORCH_CHECK(cuda_plan::step_grid_y(s.hidden) <= cuda_plan::kMaxGridY, op, ": hidden_size ",
+              s.hidden, " is larger than the CUDA kernels support (",
+              cuda_plan::kMaxGridY * cuda_plan::kStepTile, ")");
+  TORCH_CHECK(s.schedule.batch <= std::numeric_limits<int>::max(), op, ": batch size ",
+              s.schedule.batch, " is larger than the CUDA kernels support (",
+              std::numeric_limits<int>::max(), ")");
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cuda(
@@ -189,9 +308,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cuda(
   const char* op = "fused_rnn::rnn_layer_forward";
   check_cuda(op, input);
   const LayerShape s = check_layer_args(op, input, hx, weights, batch_sizes, has_biases);
-  TORCH_CHECK(cuda_plan::step_grid_y(s.hidden) <= cuda_plan::kMaxGridY, op, ": hidden_size ",
-              s.hidden, " is larger than the CUDA kernels support (",
-              cuda_plan::kMaxGridY * cuda_plan::kStepTile, ")");
+  check_cuda_limits(op, s);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor rows = input.reshape({s.schedule.rows, s.input_size}).contiguous();
   at::Tensor out = input_projection(rows, weights, s);
@@ -220,8 +337,7 @@ at::Tensor grad_h0(const at::Tensor& dA_d, const at::Tensor& whh, const StepSche
       for (int64_t b = s.bs[t + 1]; b < s.bs[t]; ++b) first[b] = s.offset[t] + b;
     }
   }
-  const at::Tensor idx =
-      at::tensor(first, at::TensorOptions().dtype(at::kLong)).to(dA_d.device());
+  const at::Tensor idx = to_device(first, dA_d.device());
   return at::mm(dA_d.index_select(0, idx), whh);
 }
 
@@ -234,6 +350,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
   check_cuda(op, input);
   const LayerShape s = check_layer_backward_args(op, grad_output, grad_h_n, input, hx, weights,
                                                  output, batch_sizes, has_biases);
+  check_cuda_limits(op, s);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t H = s.hidden, D = s.directions, ld = D * H, N = s.schedule.rows;
   at::Tensor dA = grad_output.reshape({N, ld}).clone(at::MemoryFormat::Contiguous);

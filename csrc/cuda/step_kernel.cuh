@@ -90,3 +90,28 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 }  // namespace fused_rnn::cuda
+
+namespace fused_rnn::cuda {
+
+// The per_step_cublas path's second launch: the step's epilogue over rows × H, with the GEMM term
+// that cuBLAS left in ws (rows × H, accumulation type) for rows m < gemm_rows and none after.
+// Columns on x, rows on y, both grid-strided (no 64-bit division per element).
+template <typename T, bool kBackward>
+__global__ void __launch_bounds__(kThreads)
+    step_epilogue_kernel(StepRows<T> st, const acc_t<T>* __restrict__ ws, int64_t gemm_rows,
+                         int64_t H, bool relu) {
+  const int64_t n_stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // Not unrolled: each loop usually runs once per thread, and unrolled copies spill registers.
+#pragma unroll 1
+  for (int64_t m = blockIdx.y; m < st.rows; m += gridDim.y) {
+    const acc_t<T>* ws_row = ws + m * H;
+    const bool has_gemm = m < gemm_rows;
+#pragma unroll 1
+    for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < H;
+         n += n_stride) {
+      step_epilogue<T, kBackward>(st, m, n, H, has_gemm ? ws_row[n] : acc_t<T>(0), relu);
+    }
+  }
+}
+
+}  // namespace fused_rnn::cuda
