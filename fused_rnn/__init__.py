@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from . import _ops
+from ._ops import cuda_path, set_cuda_path
 from ._version import __version__
 from .functional import rnn
 from .modules import RNN, convert
 
-__all__ = ["RNN", "convert", "rnn", "backend", "__version__"]
+__all__ = ["RNN", "convert", "rnn", "backend", "cuda_path", "set_cuda_path", "__version__"]
 
 
 def backend(device: "str | torch.device" = "cpu") -> str:
