@@ -137,7 +137,7 @@ StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool 
                         int64_t rows)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {
   const bool fits = fits_int(n) && fits_int(k) && fits_int(ldb) && fits_int(rows);
-  if (!fits || rows == 0 || n == 0 || k == 0 || !packing_available()) return;
+  if (!fits || rows < kMinPackedRows || n == 0 || k == 0 || !packing_available()) return;
   const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(rows),
                                                  static_cast<int>(n), static_cast<int>(k));
   packed_ = static_cast<float*>(std::malloc(bytes));
