@@ -134,6 +134,23 @@ def test_very_long_sequence_is_linear_and_needs_no_recursion():
     assert_close(g2, g1, torch.float64)
 
 
+@pytest.mark.parametrize("input_size", [3, 10, 17], ids=["I<DH", "I=DH", "I>DH"])
+def test_long_packed_sequences_input_gradient_in_blocks(input_size):
+    """Hundreds of rows: dX is computed in several row blocks over dA's own storage (or into a new
+    tensor when the input is wider than D·H); every gradient still equals nn.RNN's."""
+    ref, fused = make_pair(input_size, 5, 2, dtype=torch.float64, bidirectional=True)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randn(n, input_size, dtype=torch.float64, generator=gen).requires_grad_()
+            for n in (700, 650, 3, 512)]
+    outs = []
+    for m in (ref, fused):
+        out, hn = m(pack_sequence(seqs, enforce_sorted=False))
+        loss = (out.data * torch.linspace(-1, 1, out.data.shape[1], dtype=out.data.dtype)).sum()
+        outs.append(torch.autograd.grad(loss + hn.sum(), seqs + list(m.parameters())))
+    for a, b in zip(outs[1], outs[0]):
+        assert_close(a, b, torch.float64)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_and_transposed_hidden_states_and_batch_first_views(device):
     ref, fused = make_pair(4, 5, 2, dtype=torch.float64, device=device, batch_first=True)
