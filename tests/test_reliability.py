@@ -283,3 +283,43 @@ def test_no_gpu_leak_and_double_backward_on_cuda():
         fused(x)[0].sum().backward()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
+
+
+def _available_memory_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_available_memory_gib() < 14, reason="needs about 9 GiB of free memory")
+def test_input_past_two_to_the_31_elements_works():
+    """An input of 2^31 + 2048 float32 elements (8 GiB): 64-bit addressing all the way. Data sits at
+    the far end of the input (features past index 2^20 of the last rows, element offsets past 2^31),
+    so an index that wrapped would read the wrong memory. Output, h_n and the weight gradients
+    (input not requiring grad: its gradient would need another 8 GiB) equal nn.RNN's."""
+    T, B, I, H = 2048, 1, 2**20 + 1, 3
+    assert T * B * I > 2**31
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(T, B, I)
+    x[:, :, :16] = torch.rand(T, B, 16, generator=gen) - 0.5
+    x[-64:, :, -16:] = torch.rand(64, B, 16, generator=gen) - 0.5
+    ref, fused = make_pair(I, H, 1, dtype=torch.float32)
+    results = []
+    for m in (fused, ref):
+        out, hn = m(x)
+        grads = torch.autograd.grad((out * out).sum() + hn.sum(), list(m.parameters()))
+        results.append((out.detach(), hn.detach(), [g[..., -16:] for g in grads[:1]], grads[1:]))
+        del out, hn, grads
+    (o2, h2, far2, rest2), (o1, h1, far1, rest1) = results
+    assert o1[-64:].abs().max() > 0 and far1[0].abs().max() > 0  # the far data matters
+    assert_close(o2, o1, torch.float32, "output")
+    assert_close(h2, h1, torch.float32, "h_n")
+    assert_close(far2[0], far1[0], torch.float32, "dW_ih, last features")
+    for a, b in zip(rest2, rest1):
+        assert_close(a, b, torch.float32, "gradient")
