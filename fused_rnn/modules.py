@@ -90,6 +90,9 @@ class RNN(nn.RNNBase):
     def _check_forward_args(self, input: Tensor, hx: Tensor, weight_dtype: torch.dtype,
                             batch_sizes: Optional[Tensor]) -> None:
         if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+            if not torch.compiler.is_compiling():
+                # nn.RNN's own check, whose message differs between torch versions.
+                nn.RNNBase.check_input(self, input, batch_sizes)
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
                 f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})"
@@ -102,7 +105,15 @@ class RNN(nn.RNNBase):
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                 f"got {input.size(-1)}"
             )
-        self.check_hidden_size(hx, self.get_expected_hidden_size(input, batch_sizes))
+        # nn.RNNBase.check_hidden_size(get_expected_hidden_size(...)), written out: dynamo before
+        # torch 2.5 does not inline methods of torch.nn classes.
+        if batch_sizes is not None:
+            mini_batch = int(batch_sizes[0])
+        else:
+            mini_batch = input.size(0) if self.batch_first else input.size(1)
+        expected = ((2 if self.bidirectional else 1) * self.num_layers, mini_batch, self.hidden_size)
+        if hx.size() != expected:
+            raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.size())}")
         if hx.device != input.device:
             raise RuntimeError(
                 "Input and hidden tensors are not at the same device, found input tensor at "
