@@ -23,7 +23,8 @@ std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directio
     if (c.smem_bytes > dev.smem_per_block_optin) continue;
     const int64_t by_smem = dev.smem_per_sm / (c.smem_bytes + kReservedSmemPerBlock);
     const int64_t by_threads = dev.max_threads_per_sm / c.threads;
-    const int64_t regs_per_thread = regs.for_rows(rows);
+    // Registers are allocated per warp in units of 256, i.e. 8 per thread: round up.
+    const int64_t regs_per_thread = (regs.for_rows(rows) + 7) / 8 * 8;
     const int64_t by_regs =
         regs_per_thread > 0 ? dev.regs_per_sm / (regs_per_thread * c.threads) : by_threads;
     const int64_t per_sm = std::min({by_smem, by_threads, by_regs});

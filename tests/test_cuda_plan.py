@@ -96,6 +96,18 @@ def test_registers_per_thread_limit_the_blocks_per_sm():
     assert (p["path"], p["rows_per_block"]) == ("persistent", 32)
 
 
+def test_registers_are_counted_in_units_of_eight_per_thread():
+    # Registers are allocated per warp in units of 256 (8 per thread): 42 registers take 48, so
+    # 65536 / (48 · 256) = 5 blocks of 256 threads fit per SM, not the 6 that 42 suggests. On a
+    # made-up GPU of 22 SMs (shared memory and threads plentiful), H = 2048 fp32 at R = 16 is 128
+    # blocks: it needs 6 per SM, so with 42 registers the planner must take R = 32 (64 blocks).
+    props = dict(sm_count=22, smem_per_sm=10**9, smem_per_block_optin=10**9,
+                 max_threads_per_sm=4096, regs_per_sm=65536)
+    assert plan(2048, props=dict(props, regs_per_thread=42))["rows_per_block"] == 32
+    # 40 registers is already a multiple of 8: 6 blocks per SM, and R = 16 fits.
+    assert plan(2048, props=dict(props, regs_per_thread=40))["rows_per_block"] == 16
+
+
 def test_forcing():
     assert plan(512, forced="per_step")["path"] == "per_step"
     assert plan(8, batch=1, forced="per_step_cublas")["path"] == "per_step_cublas"

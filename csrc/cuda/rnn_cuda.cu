@@ -183,6 +183,38 @@ at::Tensor to_device(const std::vector<int64_t>& values, const at::Device& devic
   return host.to(device, /*non_blocking=*/true);
 }
 
+// Forks a side stream off the main one, and joins it back (the main stream waits for everything
+// queued on the side) on finish() or, if an exception unwinds first, in the destructor: so that
+// buffers freed on the main stream are never reused while side-stream work on them is pending.
+class SideStreamJoin {
+ public:
+  SideStreamJoin(cudaStream_t main, cudaStream_t side) : main_(main), side_(side) {
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&start_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(start_, main_));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side_, start_, 0));
+  }
+  void finish() {
+    joined_ = true;
+    C10_CUDA_CHECK(cudaEventRecord(done_, side_));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(main_, done_, 0));
+  }
+  ~SideStreamJoin() {
+    if (!joined_ && cudaEventRecord(done_, side_) == cudaSuccess) {
+      (void)cudaStreamWaitEvent(main_, done_, 0);
+    }
+    (void)cudaEventDestroy(start_);
+    (void)cudaEventDestroy(done_);
+  }
+  SideStreamJoin(const SideStreamJoin&) = delete;
+  SideStreamJoin& operator=(const SideStreamJoin&) = delete;
+
+ private:
+  cudaStream_t main_, side_;
+  cudaEvent_t start_ = nullptr, done_ = nullptr;
+  bool joined_ = false;
+};
+
 // Runs the recurrence of every direction over buf, on the path the plan picks.
 //   forward: buf = output holding P; h0/hn per direction.  backward: buf = dA holding dH.
 template <typename T, bool kBackward>
@@ -241,13 +273,10 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
     ws = at::empty({D, s.schedule.batch, H}, buf.options().dtype(acc));
   }
   std::optional<c10::cuda::CUDAStream> side;
-  cudaEvent_t start = nullptr, done = nullptr;
+  std::optional<SideStreamJoin> join;
   if (D == 2) {
     side = c10::cuda::getStreamFromPool(false, dev_index);
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&start, cudaEventDisableTiming));
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-    C10_CUDA_CHECK(cudaEventRecord(start, main_stream.stream()));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(side->stream(), start, 0));
+    join.emplace(main_stream.stream(), side->stream());
   }
   const int64_t* bs = s.schedule.bs.data();
   const int64_t* off = s.schedule.offset.data();
@@ -274,12 +303,7 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
       }
     }
   }
-  if (D == 2) {
-    C10_CUDA_CHECK(cudaEventRecord(done, side->stream()));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(main_stream.stream(), done, 0));
-    C10_CUDA_CHECK(cudaEventDestroy(start));
-    C10_CUDA_CHECK(cudaEventDestroy(done));
-  }
+  if (join) join->finish();
 }
 
 std::vector<at::Tensor> contiguous_w_hh(at::TensorList weights, const LayerShape& s) {
