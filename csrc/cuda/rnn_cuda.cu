@@ -111,12 +111,14 @@ bool launch_persistent(const PersistentArgs<T>& args, const cuda_plan::Persisten
   return true;
 }
 
+// One step of the per_step path on the current stream: the fused GEMM + epilogue kernel.
 template <typename T, bool kBackward>
-void launch_step(const StepRows<T>& st, const T* w, int64_t H, bool relu, cudaStream_t stream) {
+void launch_step(const StepRows<T>& st, const T* w, int64_t H, bool relu) {
   if (st.rows == 0 || H == 0) return;
   const dim3 grid(static_cast<unsigned>(cuda_plan::step_grid_x(st.rows)),
                   static_cast<unsigned>(cuda_plan::step_grid_y(H)));
-  step_recurrence_kernel<T, kBackward><<<grid, kThreads, 0, stream>>>(st, w, H, relu);
+  step_recurrence_kernel<T, kBackward>
+      <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(st, w, H, relu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -281,9 +283,9 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   const int64_t* bs = s.schedule.bs.data();
   const int64_t* off = s.schedule.offset.data();
   for (int64_t d = 0; d < D; ++d) {
-    // The guard makes this direction's stream current, so cuBLAS's handle is bound to it too.
+    // The guard makes this direction's stream current: both step functions launch on it, and
+    // cuBLAS's handle is bound to it.
     const c10::cuda::CUDAStreamGuard stream_guard(d == 0 ? main_stream : *side);
-    const cudaStream_t stream = d == 0 ? main_stream.stream() : side->stream();
     T* base = buf.data_ptr<T>() + d * H;
     const T* w = whh[d].data_ptr<T>();
     acc_t<T>* ws_d = use_blas ? ws[d].data_ptr<acc_t<T>>() : nullptr;
@@ -299,7 +301,7 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
       if (use_blas) {
         cublas_step<T, kBackward>(st, w, H, relu, ws_d);
       } else {
-        launch_step<T, kBackward>(st, w, H, relu, stream);
+        launch_step<T, kBackward>(st, w, H, relu);
       }
     }
   }

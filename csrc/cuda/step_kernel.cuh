@@ -89,10 +89,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-}  // namespace fused_rnn::cuda
-
-namespace fused_rnn::cuda {
-
 // The per_step_cublas path's second launch: the step's epilogue over rows × H, with the GEMM term
 // that cuBLAS left in ws (rows × H, accumulation type) for rows m < gemm_rows and none after.
 // Columns on x, rows on y, both grid-strided (no 64-bit division per element).
