@@ -18,6 +18,14 @@ TORCH_LIBRARY(fused_rnn, m) {
       "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
       "Tensor[] weights, Tensor output, Tensor? batch_sizes, bool relu, bool has_biases, "
       "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)");
+  m.def(
+      "rnn_forward(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, bool relu, "
+      "bool has_biases, int num_layers) -> (Tensor output, Tensor h_n, Tensor[] hidden_outputs)");
+  m.def(
+      "rnn_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
+      "Tensor[] weights, Tensor[] hidden_outputs, Tensor output, Tensor? batch_sizes, bool relu, "
+      "bool has_biases, int num_layers, bool[3] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_hx, Tensor[] grad_weights)");
 }
 
 namespace {

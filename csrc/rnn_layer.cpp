@@ -252,4 +252,109 @@ at::Tensor sequence_gradients(at::Tensor& dA, const at::Tensor& input_rows,
   return grad;
 }
 
+// ----------------------------------------------------------------------------------------------
+// Stacks of layers.
+
+namespace {
+
+// The directions per layer, after checking the stack-level arguments; the per-layer checks
+// (check_layer_args) do the rest.
+int64_t check_stack_args(const char* op, const at::Tensor& hx, at::TensorList weights,
+                         bool has_biases, int64_t num_layers) {
+  TORCH_CHECK(num_layers >= 1, op, ": num_layers must be at least 1, got ", num_layers);
+  TORCH_CHECK(hx.defined() && hx.dim() == 3, op,
+              ": hx must be 3-D (num_layers * directions, batch, hidden_size)");
+  TORCH_CHECK(hx.size(0) == num_layers || hx.size(0) == 2 * num_layers, op, ": hx.size(0) (",
+              hx.size(0), ") must be num_layers (", num_layers, ") times the directions (1 or 2)");
+  const int64_t directions = hx.size(0) / num_layers;
+  const int64_t per_layer = directions * (has_biases ? 4 : 2);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == num_layers * per_layer, op, ": expected ",
+              num_layers * per_layer, " weights (", num_layers, " layer(s) × ", per_layer,
+              "), got ", weights.size());
+  return directions;
+}
+
+}  // namespace
+
+LayerGrads layer_backward(const LayerKernels& kernels, const char* op, const at::Tensor& grad_output,
+                          const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& hx,
+                          at::TensorList weights, const at::Tensor& output,
+                          const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases,
+                          std::array<bool, 3> output_mask) {
+  const LayerShape s = check_layer_backward_args(op, grad_output, grad_h_n, input, hx, weights,
+                                                 output, batch_sizes, has_biases);
+  at::Tensor dA = grad_output.reshape({s.schedule.rows, s.directions * s.hidden})
+                      .clone(at::MemoryFormat::Contiguous);
+  return kernels.backward(std::move(dA), s, grad_h_n, input, hx, weights, output, relu,
+                          output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_forward(
+    const LayerKernels& kernels, const at::Tensor& input, const at::Tensor& hx,
+    at::TensorList weights, const std::optional<at::Tensor>& batch_sizes, bool relu,
+    bool has_biases, int64_t num_layers) {
+  const char* op = "fused_rnn::rnn_forward";
+  const int64_t D = check_stack_args(op, hx, weights, has_biases, num_layers);
+  const int64_t per_layer = D * (has_biases ? 4 : 2);
+  std::vector<at::Tensor> hidden_outputs, h_n;
+  at::Tensor layer_input = input;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const at::Tensor hx_l = hx.narrow(0, l * D, D);
+    const at::TensorList w = weights.slice(l * per_layer, per_layer);
+    // Checked here too, so that a bad argument is reported against this op (microseconds).
+    check_layer_args(op, layer_input, hx_l, w, batch_sizes, has_biases);
+    auto [out, hn] = kernels.forward(layer_input, hx_l, w, batch_sizes, relu, has_biases);
+    h_n.push_back(std::move(hn));
+    if (l + 1 < num_layers) hidden_outputs.push_back(out);
+    layer_input = std::move(out);
+  }
+  return {layer_input, at::cat(h_n, 0), hidden_outputs};
+}
+
+LayerGrads stack_backward(const LayerKernels& kernels, const at::Tensor& grad_output,
+                          const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& hx,
+                          at::TensorList weights, at::TensorList hidden_outputs,
+                          const at::Tensor& output, const std::optional<at::Tensor>& batch_sizes,
+                          bool relu, bool has_biases, int64_t num_layers,
+                          std::array<bool, 3> output_mask) {
+  const char* op = "fused_rnn::rnn_backward";
+  const int64_t D = check_stack_args(op, hx, weights, has_biases, num_layers);
+  const int64_t per_layer = D * (has_biases ? 4 : 2);
+  TORCH_CHECK(static_cast<int64_t>(hidden_outputs.size()) == num_layers - 1, op, ": expected ",
+              num_layers - 1, " hidden_outputs (one per layer but the last), got ",
+              hidden_outputs.size());
+  TORCH_CHECK(grad_h_n.defined() && grad_h_n.sizes() == hx.sizes(), op,
+              ": expected grad_h_n of size ", hx.sizes());
+  const bool need_hx = output_mask[1], need_w = output_mask[2];
+  std::vector<at::Tensor> grad_weights(need_w ? weights.size() : 0);
+  std::vector<at::Tensor> grad_hx(num_layers);
+  at::Tensor grad = grad_output;  // the gradient of layer l's output
+  for (int64_t l = num_layers - 1; l >= 0; --l) {
+    const at::Tensor& layer_input = l == 0 ? input : hidden_outputs[l - 1];
+    const at::Tensor& layer_output = l == num_layers - 1 ? output : hidden_outputs[l];
+    const at::TensorList w = weights.slice(l * per_layer, per_layer);
+    const at::Tensor hx_l = hx.narrow(0, l * D, D), dhn_l = grad_h_n.narrow(0, l * D, D);
+    const LayerShape s = check_layer_backward_args(op, grad, dhn_l, layer_input, hx_l, w,
+                                                   layer_output, batch_sizes, has_biases);
+    const int64_t N = s.schedule.rows, ld = s.directions * s.hidden;
+    // The top layer copies the caller's gradient; below it, grad is the layer above's dX, which
+    // this function alone holds: it becomes dA as it is.
+    at::Tensor dA = l == num_layers - 1
+                        ? grad.reshape({N, ld}).clone(at::MemoryFormat::Contiguous)
+                        : grad.reshape({N, ld});
+    grad = at::Tensor();
+    const std::array<bool, 3> mask = {l > 0 || output_mask[0], need_hx, need_w};
+    LayerGrads g = kernels.backward(std::move(dA), s, dhn_l, layer_input, hx_l, w, layer_output,
+                                    relu, mask);
+    grad = std::move(std::get<0>(g));
+    grad_hx[l] = std::move(std::get<1>(g));
+    for (size_t i = 0; need_w && i < std::get<2>(g).size(); ++i) {
+      grad_weights[l * per_layer + i] = std::move(std::get<2>(g)[i]);
+    }
+  }
+  at::Tensor grad_input = output_mask[0] ? grad : at::empty({0}, input.options());
+  at::Tensor grad_hx_all = need_hx ? at::cat(grad_hx, 0) : at::empty({0}, hx.options());
+  return {grad_input, grad_hx_all, grad_weights};
+}
+
 }  // namespace fused_rnn

@@ -20,7 +20,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace fused_rnn {
@@ -83,5 +85,49 @@ at::Tensor grad_w_hh(const at::Tensor& dA_d, const at::Tensor& out_d, const at::
 at::Tensor sequence_gradients(at::Tensor& dA, const at::Tensor& input_rows,
                               at::TensorList weights, const LayerShape& s, bool need_input,
                               bool need_weights, std::vector<at::Tensor>& grad_weights);
+
+// ----------------------------------------------------------------------------------------------
+// A stack of layers in one op (fused_rnn::rnn_forward / rnn_backward), as cuDNN runs nn.RNN: the
+// backward owns the gradient flowing between layers, so layer l's dX, written over layer l's own dA
+// storage, becomes layer l − 1's dA without a copy (the one-layer op must copy its immutable
+// grad_output first). Device-generic; each backend passes its one-layer kernels.
+
+using LayerGrads = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+struct LayerKernels {
+  // The one-layer forward op's kernel (checks its arguments itself).
+  std::tuple<at::Tensor, at::Tensor> (*forward)(const at::Tensor& input, const at::Tensor& hx,
+                                                at::TensorList weights,
+                                                const std::optional<at::Tensor>& batch_sizes,
+                                                bool relu, bool has_biases);
+  // The one-layer backward from an owned dA: the gradient of the layer's output as contiguous
+  // (N, D·H) rows, turned into the pre-activation gradient in place; dX may be written over it.
+  // Arguments already checked (s is their shape).
+  LayerGrads (*backward)(at::Tensor dA, const LayerShape& s, const at::Tensor& grad_h_n,
+                         const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                         const at::Tensor& output, bool relu, std::array<bool, 3> output_mask);
+};
+
+// The one-layer backward op: checks, copies grad_output into a fresh dA, runs kernels.backward.
+LayerGrads layer_backward(const LayerKernels& kernels, const char* op, const at::Tensor& grad_output,
+                          const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& hx,
+                          at::TensorList weights, const at::Tensor& output,
+                          const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases,
+                          std::array<bool, 3> output_mask);
+
+// num_layers layers; hx and h_n are (num_layers·D, B, H); weights are every layer's, in nn.RNN's
+// order. Returns (output, h_n, hidden_outputs): the outputs of layers 0 .. num_layers − 2, which the
+// backward reads.
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_forward(
+    const LayerKernels& kernels, const at::Tensor& input, const at::Tensor& hx,
+    at::TensorList weights, const std::optional<at::Tensor>& batch_sizes, bool relu,
+    bool has_biases, int64_t num_layers);
+
+LayerGrads stack_backward(const LayerKernels& kernels, const at::Tensor& grad_output,
+                          const at::Tensor& grad_h_n, const at::Tensor& input, const at::Tensor& hx,
+                          at::TensorList weights, at::TensorList hidden_outputs,
+                          const at::Tensor& output, const std::optional<at::Tensor>& batch_sizes,
+                          bool relu, bool has_biases, int64_t num_layers,
+                          std::array<bool, 3> output_mask);
 
 }  // namespace fused_rnn

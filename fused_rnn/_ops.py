@@ -1,8 +1,10 @@
 """The fused_rnn ops: loading the native kernels, the pure-PyTorch fallback, fake kernels, autograd.
 
-Two ops (schemas below, math in csrc/rnn_layer.h):
+Four ops (schemas below, math in csrc/rnn_layer.h):
   fused_rnn::rnn_layer_forward   one layer, one or two directions, padded or packed input
   fused_rnn::rnn_layer_backward  its BPTT
+  fused_rnn::rnn_forward         a stack of layers (what nn.RNN runs when no dropout is active)
+  fused_rnn::rnn_backward        its backward, which owns the gradient passed between layers
 
 The native extension (fused_rnn._C) defines them and registers C++ (and CUDA) kernels. Where it is
 missing, the same schemas are defined here. Either way, every device without a native kernel gets the
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional
 
 import torch
 from torch import Tensor
@@ -31,8 +33,20 @@ BACKWARD_SCHEMA = (
     "Tensor[] weights, Tensor output, Tensor? batch_sizes, bool relu, bool has_biases, "
     "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)"
 )
+STACK_FORWARD_SCHEMA = (
+    "rnn_forward(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, bool relu, "
+    "bool has_biases, int num_layers) -> (Tensor output, Tensor h_n, Tensor[] hidden_outputs)"
+)
+STACK_BACKWARD_SCHEMA = (
+    "rnn_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
+    "Tensor[] weights, Tensor[] hidden_outputs, Tensor output, Tensor? batch_sizes, bool relu, "
+    "bool has_biases, int num_layers, bool[3] output_mask) -> (Tensor grad_input, "
+    "Tensor grad_hx, Tensor[] grad_weights)"
+)
 FORWARD = "fused_rnn::rnn_layer_forward"
 BACKWARD = "fused_rnn::rnn_layer_backward"
+STACK_FORWARD = "fused_rnn::rnn_forward"
+STACK_BACKWARD = "fused_rnn::rnn_backward"
 
 try:
     from . import _C  # noqa: F401  (loading it registers the ops and their native kernels)
@@ -49,8 +63,8 @@ except ImportError as exc:  # not built, or built against another torch
         stacklevel=2,
     )
     _def_lib = torch.library.Library("fused_rnn", "DEF")
-    _def_lib.define(FORWARD_SCHEMA)
-    _def_lib.define(BACKWARD_SCHEMA)
+    for _schema in (FORWARD_SCHEMA, BACKWARD_SCHEMA, STACK_FORWARD_SCHEMA, STACK_BACKWARD_SCHEMA):
+        _def_lib.define(_schema)
 
 
 def _reference_forward(input, hx, weights, batch_sizes, relu, has_biases):
@@ -65,11 +79,27 @@ def _reference_backward(grad_output, grad_h_n, input, hx, weights, output, batch
                                              batch_sizes, relu, has_biases, output_mask)
 
 
+def _reference_stack_forward(input, hx, weights, batch_sizes, relu, has_biases, num_layers):
+    with torch.no_grad():
+        return _reference.rnn_forward(input, hx, weights, batch_sizes, relu, has_biases,
+                                      num_layers)
+
+
+def _reference_stack_backward(grad_output, grad_h_n, input, hx, weights, hidden_outputs, output,
+                              batch_sizes, relu, has_biases, num_layers, output_mask):
+    with torch.no_grad():
+        return _reference.rnn_backward(grad_output, grad_h_n, input, hx, weights, hidden_outputs,
+                                       output, batch_sizes, relu, has_biases, num_layers,
+                                       output_mask)
+
+
 # Devices with no native kernel (CUDA when the build had no nvcc, everything when _C is missing) get
 # the reference kernels. Backend-specific kernels from _C take precedence over these.
 _impl_lib = torch.library.Library("fused_rnn", "IMPL")
 _impl_lib.impl("rnn_layer_forward", _reference_forward, "CompositeExplicitAutograd")
 _impl_lib.impl("rnn_layer_backward", _reference_backward, "CompositeExplicitAutograd")
+_impl_lib.impl("rnn_forward", _reference_stack_forward, "CompositeExplicitAutograd")
+_impl_lib.impl("rnn_backward", _reference_stack_backward, "CompositeExplicitAutograd")
 
 
 def has_native_kernel(device_type: str) -> bool:
@@ -158,8 +188,48 @@ def _backward_fake(grad_output, grad_h_n, input, hx, weights, output, batch_size
     return grad_input, grad_hx, grad_weights
 
 
+@torch.library.register_fake(STACK_FORWARD)
+def _stack_forward_fake(input, hx, weights, batch_sizes, relu, has_biases, num_layers):
+    torch._check(num_layers >= 1, lambda: f"num_layers must be at least 1, got {num_layers}")
+    torch._check(hx.dim() == 3, lambda: f"hx must be 3-D, got {hx.dim()}-D")
+    directions = hx.size(0) // num_layers
+    torch._check(hx.size(0) == directions * num_layers,
+                 lambda: f"hx.size(0) ({hx.size(0)}) must be a multiple of num_layers")
+    hidden = hx.size(2)
+    per = 4 if has_biases else 2
+    torch._check(len(weights) == num_layers * directions * per,
+                 lambda: f"expected {num_layers * directions * per} weights, got {len(weights)}")
+    torch._check(input.dim() == (2 if batch_sizes is not None else 3),
+                 lambda: f"input of rank {input.dim()} does not match batch_sizes")
+    shape = (*input.shape[:-1], directions * hidden)
+    output = input.new_empty(shape)
+    return output, hx.new_empty(hx.shape), [input.new_empty(shape) for _ in range(num_layers - 1)]
+
+
+@torch.library.register_fake(STACK_BACKWARD)
+def _stack_backward_fake(grad_output, grad_h_n, input, hx, weights, hidden_outputs, output,
+                         batch_sizes, relu, has_biases, num_layers, output_mask):
+    return _backward_fake(grad_output, grad_h_n, input, hx, weights, output, batch_sizes, relu,
+                          has_biases, output_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Autograd.
+
+
+def _zeros_for_none(grad_output, grad_h_n, output, hx):
+    """Zeros for the output gradients autograd did not send."""
+    return (torch.zeros_like(output) if grad_output is None else grad_output,
+            torch.zeros_like(hx) if grad_h_n is None else grad_h_n)
+
+
+def _input_grads(mask, grad_input, grad_hx, grad_weights, n_weights, non_tensor_args):
+    """A forward op's backward result: gradients of input, hx and weights where mask asked for
+    them, then None for the non-tensor arguments (batch_sizes, relu, ...)."""
+    need_input, need_hx, need_weights = mask
+    return (grad_input if need_input else None, grad_hx if need_hx else None,
+            list(grad_weights) if need_weights else [None] * n_weights,
+            *([None] * non_tensor_args))
 
 
 def _forward_setup_context(ctx, inputs, output):
@@ -173,36 +243,55 @@ def _forward_setup_context(ctx, inputs, output):
 
 def _forward_backward(ctx, grad_output, grad_h_n):
     input, hx, output, *weights = ctx.saved_tensors
-    if grad_output is None:
-        grad_output = torch.zeros_like(output)
-    if grad_h_n is None:
-        grad_h_n = torch.zeros_like(hx)
-    grad_input, grad_hx, grad_weights = torch.ops.fused_rnn.rnn_layer_backward(
+    grad_output, grad_h_n = _zeros_for_none(grad_output, grad_h_n, output, hx)
+    grads = torch.ops.fused_rnn.rnn_layer_backward(
         grad_output, grad_h_n, input, hx, weights, output, ctx.batch_sizes, ctx.relu,
         ctx.has_biases, ctx.mask)
-    need_input, need_hx, need_weights = ctx.mask
-    return (
-        grad_input if need_input else None,
-        grad_hx if need_hx else None,
-        list(grad_weights) if need_weights else [None] * len(weights),
-        None,
-        None,
-        None,
-    )
+    return _input_grads(ctx.mask, *grads, len(weights), non_tensor_args=3)
 
 
 torch.library.register_autograd(FORWARD, _forward_backward, setup_context=_forward_setup_context)
 
 
-def _backward_setup_context(ctx, inputs, output):
-    (grad_output, grad_h_n, input, hx, weights, out, batch_sizes, relu, has_biases,
-     output_mask) = inputs
-    ctx.save_for_backward(grad_output, grad_h_n, input, hx, out, *weights)
-    ctx.args = (batch_sizes, relu, has_biases, list(output_mask))
+def _stack_forward_setup_context(ctx, inputs, output):
+    input, hx, weights, batch_sizes, relu, has_biases, num_layers = inputs
+    _, _, hidden_outputs = output
+    # No zeros are materialised for outputs without a gradient: the layers' outputs rarely get one
+    # (only second-order passes and direct callers of the op use them) and can be most of the
+    # memory.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(input, hx, output[0], *weights, *hidden_outputs)
+    ctx.n_weights = len(weights)
+    ctx.args = (batch_sizes, relu, has_biases, num_layers)
+    ctx.mask = [input.requires_grad, hx.requires_grad, any(w.requires_grad for w in weights)]
 
 
-def _backward_backward(ctx, gg_input, gg_hx, gg_weights):
-    """Second order: the vector-Jacobian product of the reference backward (differentiable).
+def _stack_forward_backward(ctx, grad_output, grad_h_n, grad_hidden_outputs):
+    input, hx, output, *rest = ctx.saved_tensors
+    weights, hidden_outputs = rest[:ctx.n_weights], rest[ctx.n_weights:]
+    batch_sizes, relu, has_biases, num_layers = ctx.args
+    grad_output, grad_h_n = _zeros_for_none(grad_output, grad_h_n, output, hx)
+    if any(g is not None for g in grad_hidden_outputs):
+        # Second-order passes send gradients for the layers' outputs too: layer by layer.
+        grads = _reference.rnn_backward(
+            grad_output, grad_h_n, input, hx, weights, hidden_outputs, output, batch_sizes, relu,
+            has_biases, num_layers, ctx.mask, grad_hidden_outputs,
+            layer_backward=torch.ops.fused_rnn.rnn_layer_backward)
+    else:
+        grads = torch.ops.fused_rnn.rnn_backward(
+            grad_output, grad_h_n, input, hx, weights, hidden_outputs, output, batch_sizes, relu,
+            has_biases, num_layers, ctx.mask)
+    return _input_grads(ctx.mask, *grads, len(weights), non_tensor_args=4)
+
+
+torch.library.register_autograd(STACK_FORWARD, _stack_forward_backward,
+                                setup_context=_stack_forward_setup_context)
+
+
+def _reference_vjp(ctx, backward, output_mask, gg_input, gg_hx, gg_weights):
+    """Second order: the vector-Jacobian product of a reference backward (differentiable), with
+    respect to every tensor in ctx.saved_tensors; backward(leaves) computes (grad_input, grad_hx,
+    grad_weights) from those leaves.
 
     The partial derivatives are taken with respect to detached copies of the saved tensors: autograd
     itself chains them through the graph (output, for one, depends on input through the forward).
@@ -211,13 +300,9 @@ def _backward_backward(ctx, gg_input, gg_hx, gg_weights):
         raise NotImplementedError(
             "fused_rnn: third and higher order gradients are not supported (second order is)")
     saved = ctx.saved_tensors
-    batch_sizes, relu, has_biases, output_mask = ctx.args
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in saved]
-        grad_output, grad_h_n, input, hx, out, *weights = leaves
-        grad_input, grad_hx, grad_weights = _reference.rnn_layer_backward(
-            grad_output, grad_h_n, input, hx, weights, out, batch_sizes, relu, has_biases,
-            output_mask)
+        grad_input, grad_hx, grad_weights = backward(leaves)
         results: List[Tensor] = []
         cotangents: List[Tensor] = []
         for used, value, cot in ((output_mask[0], grad_input, gg_input),
@@ -231,9 +316,26 @@ def _backward_backward(ctx, gg_input, gg_hx, gg_weights):
                     results.append(value)
                     cotangents.append(cot)
         if not results:
-            grads: Sequence[Optional[Tensor]] = [None] * len(leaves)
-        else:
-            grads = torch.autograd.grad(results, leaves, cotangents, allow_unused=True)
+            return [None] * len(leaves)
+        return list(torch.autograd.grad(results, leaves, cotangents, allow_unused=True))
+
+
+def _backward_setup_context(ctx, inputs, output):
+    (grad_output, grad_h_n, input, hx, weights, out, batch_sizes, relu, has_biases,
+     output_mask) = inputs
+    ctx.save_for_backward(grad_output, grad_h_n, input, hx, out, *weights)
+    ctx.args = (batch_sizes, relu, has_biases, list(output_mask))
+
+
+def _backward_backward(ctx, gg_input, gg_hx, gg_weights):
+    batch_sizes, relu, has_biases, output_mask = ctx.args
+
+    def backward(leaves):
+        grad_output, grad_h_n, input, hx, out, *weights = leaves
+        return _reference.rnn_layer_backward(grad_output, grad_h_n, input, hx, weights, out,
+                                             batch_sizes, relu, has_biases, output_mask)
+
+    grads = _reference_vjp(ctx, backward, output_mask, gg_input, gg_hx, gg_weights)
     g_out, g_hn, g_in, g_hx, g_output, *g_w = grads
     return g_out, g_hn, g_in, g_hx, list(g_w), g_output, None, None, None, None
 
@@ -242,8 +344,43 @@ torch.library.register_autograd(BACKWARD, _backward_backward,
                                 setup_context=_backward_setup_context)
 
 
+def _stack_backward_setup_context(ctx, inputs, output):
+    (grad_output, grad_h_n, input, hx, weights, hidden_outputs, out, batch_sizes, relu,
+     has_biases, num_layers, output_mask) = inputs
+    ctx.save_for_backward(grad_output, grad_h_n, input, hx, out, *weights, *hidden_outputs)
+    ctx.n_weights = len(weights)
+    ctx.args = (batch_sizes, relu, has_biases, num_layers, list(output_mask))
+
+
+def _stack_backward_backward(ctx, gg_input, gg_hx, gg_weights):
+    batch_sizes, relu, has_biases, num_layers, output_mask = ctx.args
+    n = ctx.n_weights
+
+    def backward(leaves):
+        grad_output, grad_h_n, input, hx, out, *rest = leaves
+        return _reference.rnn_backward(grad_output, grad_h_n, input, hx, rest[:n], rest[n:], out,
+                                       batch_sizes, relu, has_biases, num_layers, output_mask)
+
+    grads = _reference_vjp(ctx, backward, output_mask, gg_input, gg_hx, gg_weights)
+    g_out, g_hn, g_in, g_hx, g_output, *rest = grads
+    return (g_out, g_hn, g_in, g_hx, list(rest[:n]), list(rest[n:]), g_output, None, None, None,
+            None, None)
+
+
+torch.library.register_autograd(STACK_BACKWARD, _stack_backward_backward,
+                                setup_context=_stack_backward_setup_context)
+
+
 def rnn_layer(input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor],
               relu: bool, has_biases: bool):
     """One layer (one or two directions) through the fused op: (output, h_n)."""
     return torch.ops.fused_rnn.rnn_layer_forward(input, hx, weights, batch_sizes, relu,
                                                  has_biases)
+
+
+def rnn_stack(input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor],
+              relu: bool, has_biases: bool, num_layers: int):
+    """num_layers layers through the fused stack op: (output, h_n)."""
+    output, h_n, _ = torch.ops.fused_rnn.rnn_forward(input, hx, weights, batch_sizes, relu,
+                                                     has_biases, num_layers)
+    return output, h_n

@@ -142,3 +142,54 @@ def rnn_layer_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, hx:
                 db = dA_d.sum(0)
                 grad_weights += [db, db.clone()]
     return grad_input, grad_hx, grad_weights
+
+
+def _layer_slices(hx: Tensor, weights: Sequence[Tensor], has_biases: bool, num_layers: int):
+    """(hx rows, weights) of each layer of a stack: hx is (num_layers·D, B, H), weights nn.RNN's
+    order (layer-major, then direction)."""
+    directions = hx.size(0) // num_layers
+    per_layer = directions * (4 if has_biases else 2)
+    return [(hx[l * directions:(l + 1) * directions],
+             list(weights[l * per_layer:(l + 1) * per_layer])) for l in range(num_layers)]
+
+
+def rnn_forward(input: Tensor, hx: Tensor, weights: Sequence[Tensor],
+                batch_sizes: Optional[Tensor], relu: bool, has_biases: bool,
+                num_layers: int) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """A stack of layers: (output, h_n, outputs of every layer but the last)."""
+    layer_input, hns, hidden = input, [], []
+    for hx_l, w_l in _layer_slices(hx, weights, has_biases, num_layers):
+        out, hn = rnn_layer_forward(layer_input, hx_l, w_l, batch_sizes, relu, has_biases)
+        hns.append(hn)
+        hidden.append(out)
+        layer_input = out
+    return layer_input, torch.cat(hns, 0), hidden[:-1]
+
+
+def rnn_backward(grad_output: Tensor, grad_h_n: Tensor, input: Tensor, hx: Tensor,
+                 weights: Sequence[Tensor], hidden_outputs: Sequence[Tensor], output: Tensor,
+                 batch_sizes: Optional[Tensor], relu: bool, has_biases: bool, num_layers: int,
+                 output_mask: Sequence[bool],
+                 grad_hidden_outputs: Optional[Sequence[Optional[Tensor]]] = None,
+                 layer_backward=rnn_layer_backward) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """The backward of rnn_forward, layer by layer from the top, with layer_backward (this
+    module's, or the one-layer op). grad_hidden_outputs: gradients of the layers' own outputs, if
+    any (second-order passes send them), added to the one coming down from the layer above."""
+    layers = _layer_slices(hx, weights, has_biases, num_layers)
+    directions = hx.size(0) // num_layers
+    outputs = list(hidden_outputs) + [output]
+    inputs = [input] + list(hidden_outputs)
+    grad, grad_hx, grad_weights = grad_output, [], []
+    for l in reversed(range(num_layers)):
+        hx_l, w_l = layers[l]
+        if grad_hidden_outputs is not None and l < num_layers - 1 \
+                and grad_hidden_outputs[l] is not None:
+            grad = grad + grad_hidden_outputs[l]
+        mask = [l > 0 or output_mask[0], output_mask[1], output_mask[2]]
+        grad, ghx, gw = layer_backward(
+            grad, grad_h_n[l * directions:(l + 1) * directions], inputs[l], hx_l, w_l,
+            outputs[l], batch_sizes, relu, has_biases, mask)
+        grad_hx.insert(0, ghx)
+        grad_weights[:0] = gw
+    return (grad if output_mask[0] else input.new_empty(0),
+            torch.cat(grad_hx, 0) if output_mask[1] else hx.new_empty(0), grad_weights)

@@ -17,9 +17,18 @@ from . import _ops, _reference
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64)
 
 
+def _fused(input: Tensor) -> bool:
+    return input.device.type != "cpu" or input.dtype in _FUSED_CPU_DTYPES
+
+
+def _needs_grad(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]]) -> bool:
+    return torch.is_grad_enabled() and (
+        input.requires_grad or hx.requires_grad or any(w.requires_grad for ws in weights for w in ws))
+
+
 def _layer(input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor],
            relu: bool, has_biases: bool) -> Tuple[Tensor, Tensor]:
-    if input.device.type == "cpu" and input.dtype not in _FUSED_CPU_DTYPES:
+    if not _fused(input):
         return _reference.rnn_layer_forward(input, hx, weights, batch_sizes, relu, has_biases)
     return _ops.rnn_layer(input, hx, weights, batch_sizes, relu, has_biases)
 
@@ -42,6 +51,13 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]],
         (output, h_n): output (T, B, D·H) or (N, D·H); h_n like hx.
     """
     directions = 2 if bidirectional else 1
+    dropout_active = dropout != 0 and train and num_layers > 1
+    if not dropout_active and _fused(input) and _needs_grad(input, hx, weights):
+        # One op for the whole stack: its backward passes the gradient between layers in place.
+        # Without autograd the per-layer ops below hold less (each layer's output is freed once
+        # the next layer has read it).
+        flat = [w for ws in weights for w in ws]
+        return _ops.rnn_stack(input, hx, flat, batch_sizes, relu, has_biases, num_layers)
     layer_input = input
     h_n = []
     for layer in range(num_layers):

@@ -55,6 +55,40 @@ def test_parity_every_path(path, case, dtype):
         assert_close(a, b, dtype, f"gradient {i}")
 
 
+def _to_cuda(value):
+    if isinstance(value, torch.Tensor):
+        return value.cuda()
+    if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+        return [v.cuda() for v in value]
+    return value
+
+
+def test_stack_ops_equal_the_chained_layer_ops_every_path(path):
+    """The stack op's backward passes the gradient between layers in place on the GPU too: it must
+    give the one-layer ops' results exactly, and match the float64 reference."""
+    from test_ops import _stack_backward_args, stack_inputs
+
+    from fused_rnn import _reference
+
+    for args in stack_inputs():
+        # batch_sizes stays on the CPU, as PackedSequence keeps it.
+        args = tuple(a if i == 3 else _to_cuda(a) for i, a in enumerate(args))
+        out, hn, hidden = torch.ops.fused_rnn.rnn_forward(*args)
+        ref = _reference.rnn_forward(*args)
+        for a, b in zip([out, hn, *hidden], [ref[0], ref[1], *ref[2]]):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        bargs = tuple(a if i == 7 else _to_cuda(a)
+                      for i, a in enumerate(_stack_backward_args(args, out, hn, hidden)))
+        got = torch.ops.fused_rnn.rnn_backward(*bargs)
+        want = _reference.rnn_backward(*bargs)
+        chained = _reference.rnn_backward(
+            *bargs, layer_backward=torch.ops.fused_rnn.rnn_layer_backward)
+        for a, b, c in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]],
+                           [chained[0], chained[1], *chained[2]]):
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+            assert torch.equal(a, c)
+
+
 @pytest.mark.parametrize("hidden", [1, 31, 64, 100, 257])
 @pytest.mark.parametrize("batch", [1, 3, 70, 130])
 def test_odd_sizes_every_path(path, hidden, batch):

@@ -55,6 +55,10 @@ def test_native_schemas_match_the_fallback_definitions():
     bwd = str(torch.ops.fused_rnn.rnn_layer_backward.default._schema)
     assert fwd == "fused_rnn::" + _ops.FORWARD_SCHEMA
     assert bwd == "fused_rnn::" + _ops.BACKWARD_SCHEMA
+    assert str(torch.ops.fused_rnn.rnn_forward.default._schema) == \
+        "fused_rnn::" + _ops.STACK_FORWARD_SCHEMA
+    assert str(torch.ops.fused_rnn.rnn_backward.default._schema) == \
+        "fused_rnn::" + _ops.STACK_BACKWARD_SCHEMA
 
 
 @native
@@ -127,6 +131,109 @@ def test_float32_activation_accuracy(relu):
     nan = torch.ops.fused_rnn.rnn_layer_forward(torch.full((1, 1, 1), float("nan")), hx, ws, None,
                                                 relu, False)[0]
     assert torch.isnan(nan).all()
+
+
+def stack_inputs(dtype=torch.float64):
+    """(args) tuples for rnn_forward: 1 to 3 layers, padded and packed, 1 and 2 directions, with and
+    without biases (tanh and relu alternate)."""
+    g = torch.Generator().manual_seed(1)
+    I, H, B = 4, 5, 3
+    out = []
+    for layers in (1, 2, 3):
+        for packed in (False, True):
+            for D in (1, 2):
+                for has_biases in (True, False):
+                    relu = (layers + D) % 2 == 1
+                    if packed:
+                        p = pack_sequence([torch.randn(n, I, generator=g, dtype=dtype)
+                                           for n in (4, 4, 1)])
+                        x, bs = p.data, p.batch_sizes
+                    else:
+                        x, bs = torch.randn(4, B, I, generator=g, dtype=dtype), None
+                    hx = torch.randn(layers * D, B, H, generator=g, dtype=dtype)
+                    ws = []
+                    for layer in range(layers):
+                        isize = I if layer == 0 else D * H
+                        for _ in range(D):
+                            ws += [torch.randn(H, isize, generator=g, dtype=dtype) * 0.4,
+                                   torch.randn(H, H, generator=g, dtype=dtype) * 0.4]
+                            if has_biases:
+                                ws += [torch.randn(H, generator=g, dtype=dtype) * 0.1
+                                       for _ in range(2)]
+                    out.append((x, hx, ws, bs, relu, has_biases, layers))
+    return out
+
+
+def _stack_backward_args(args, out, hn, hidden, mask=(True, True, True)):
+    x, hx, ws, bs, relu, has_biases, layers = args
+    g = torch.Generator().manual_seed(2)
+    go = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    gh = torch.randn(hn.shape, generator=g, dtype=hn.dtype)
+    return (go, gh, x, hx, ws, hidden, out, bs, relu, has_biases, layers, list(mask))
+
+
+@pytest.mark.parametrize("args", stack_inputs()[::2])
+def test_opcheck_stack_ops(args):
+    torch.library.opcheck(torch.ops.fused_rnn.rnn_forward.default, args)
+    out, hn, hidden = torch.ops.fused_rnn.rnn_forward(*args)
+    torch.library.opcheck(torch.ops.fused_rnn.rnn_backward.default,
+                          _stack_backward_args(args, out, hn, hidden))
+
+
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (True, False, True),
+                                  (False, False, True)])
+@pytest.mark.parametrize("args", stack_inputs())
+def test_stack_ops_equal_the_reference_and_the_layer_ops(args, mask):
+    """The stack ops against _reference (1e-11), and bitwise against the one-layer ops chained:
+    passing the gradient between layers in place must change nothing."""
+    x, hx, ws, bs, relu, has_biases, layers = args
+    out, hn, hidden = torch.ops.fused_rnn.rnn_forward(*args)
+    ref = _reference.rnn_forward(*args)
+    for a, b in zip([out, hn, *hidden], [ref[0], ref[1], *ref[2]]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert len(hidden) == layers - 1
+    bargs = _stack_backward_args(args, out, hn, hidden, mask)
+    got = torch.ops.fused_rnn.rnn_backward(*bargs)
+    want = _reference.rnn_backward(*bargs)
+    chained = _reference.rnn_backward(*bargs, layer_backward=torch.ops.fused_rnn.rnn_layer_backward)
+    assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
+    assert len(got[2]) == len(want[2]) == (len(ws) if mask[2] else 0)
+    for a, b, c in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]],
+                       [chained[0], chained[1], *chained[2]]):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+        assert torch.equal(a, c)
+    # The caller's gradient is left as it was.
+    assert torch.equal(bargs[0], _stack_backward_args(args, out, hn, hidden)[0])
+
+
+STACK_BAD_ARGS = [
+    ("num_layers must be at least 1", lambda a: a[:6] + (0,)),
+    ("must be num_layers", lambda a: (a[0], a[1][:1]) + a[2:]),
+    ("expected 16 weights", lambda a: (a[0], a[1], a[2][:-1]) + a[3:]),
+    ("expected w_ih of size", lambda a: (a[0], a[1], a[2][8:] + a[2][:8]) + a[3:]),
+]
+
+
+@native
+@pytest.mark.parametrize("needle,mutate", STACK_BAD_ARGS, ids=[b[0] for b in STACK_BAD_ARGS])
+def test_native_stack_op_rejects_bad_arguments(needle, mutate):
+    args = next(a for a in stack_inputs() if a[6] == 2 and a[1].size(0) == 4 and a[5])
+    with pytest.raises(RuntimeError, match="fused_rnn::rnn_forward") as info:
+        torch.ops.fused_rnn.rnn_forward(*mutate(args))
+    assert needle in str(info.value)
+
+
+@native
+def test_native_stack_backward_rejects_bad_arguments():
+    args = next(a for a in stack_inputs() if a[6] == 3)
+    out, hn, hidden = torch.ops.fused_rnn.rnn_forward(*args)
+    bargs = _stack_backward_args(args, out, hn, hidden)
+    with pytest.raises(RuntimeError, match="expected 2 hidden_outputs"):
+        torch.ops.fused_rnn.rnn_backward(*bargs[:5], hidden[:1], *bargs[6:])
+    with pytest.raises(RuntimeError, match="expected grad_h_n of size"):
+        torch.ops.fused_rnn.rnn_backward(bargs[0], bargs[1][:2], *bargs[2:])
+    with pytest.raises(RuntimeError, match="expected output of size"):
+        torch.ops.fused_rnn.rnn_backward(*bargs[:5], [hidden[0], hidden[1][:2]], *bargs[6:])
 
 
 BAD_ARGS = [

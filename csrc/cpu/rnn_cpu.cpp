@@ -3,8 +3,9 @@
 // Forward: P for every step and direction is one GEMM written straight into the output; each step
 // then adds h_{t-1} · W_hhᵀ into its own rows of that output and applies the activation in place.
 // Nothing is allocated per step, and a packed batch only touches the rows it has.
-// Backward: dA starts as a copy of grad_output; one reverse loop per direction turns it into the
-// pre-activation gradient in place; the rest is whole-sequence GEMMs.
+// Backward: dA starts as a copy of grad_output (the one-layer op) or, inside a stack, as the layer
+// above's dX itself; one reverse loop per direction turns it into the pre-activation gradient in
+// place; the rest is whole-sequence GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -123,16 +124,12 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cpu(
   return {out.view(out_sizes), hn};
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
-    const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
-    const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases,
-    std::array<bool, 3> output_mask) {
-  const LayerShape s =
-      check_layer_backward_args("fused_rnn::rnn_layer_backward", grad_output, grad_h_n, input,
-                                hx, weights, output, batch_sizes, has_biases);
+// The layer's BPTT from an owned dA (LayerKernels::backward).
+LayerGrads layer_backward_cpu(at::Tensor dA, const LayerShape& s, const at::Tensor& grad_h_n,
+                              const at::Tensor& input, const at::Tensor& hx,
+                              at::TensorList weights, const at::Tensor& output, bool relu,
+                              std::array<bool, 3> output_mask) {
   const int64_t H = s.hidden, D = s.directions, ld = D * H, N = s.schedule.rows;
-  at::Tensor dA = grad_output.reshape({N, ld}).clone(at::MemoryFormat::Contiguous);
   const at::Tensor out = output.reshape({N, ld}).contiguous();
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor dhn = grad_h_n.contiguous();
@@ -160,6 +157,35 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
   return {grad_input, need_hx ? dh0 : at::empty({0}, hx.options()), grad_weights};
 }
 
+constexpr LayerKernels kCpuKernels{&rnn_layer_forward_cpu, &layer_backward_cpu};
+
+LayerGrads rnn_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                  const at::Tensor& input, const at::Tensor& hx,
+                                  at::TensorList weights, const at::Tensor& output,
+                                  const std::optional<at::Tensor>& batch_sizes, bool relu,
+                                  bool has_biases, std::array<bool, 3> output_mask) {
+  return layer_backward(kCpuKernels, "fused_rnn::rnn_layer_backward", grad_output, grad_h_n,
+                        input, hx, weights, output, batch_sizes, relu, has_biases, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_forward_cpu(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases,
+    int64_t num_layers) {
+  return stack_forward(kCpuKernels, input, hx, weights, batch_sizes, relu, has_biases,
+                       num_layers);
+}
+
+LayerGrads rnn_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                            const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                            at::TensorList hidden_outputs, const at::Tensor& output,
+                            const std::optional<at::Tensor>& batch_sizes, bool relu,
+                            bool has_biases, int64_t num_layers,
+                            std::array<bool, 3> output_mask) {
+  return stack_backward(kCpuKernels, grad_output, grad_h_n, input, hx, weights, hidden_outputs,
+                        output, batch_sizes, relu, has_biases, num_layers, output_mask);
+}
+
 }  // namespace
 
 }  // namespace fused_rnn::cpu
@@ -167,4 +193,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
   m.impl("rnn_layer_forward", &fused_rnn::cpu::rnn_layer_forward_cpu);
   m.impl("rnn_layer_backward", &fused_rnn::cpu::rnn_layer_backward_cpu);
+  m.impl("rnn_forward", &fused_rnn::cpu::rnn_forward_cpu);
+  m.impl("rnn_backward", &fused_rnn::cpu::rnn_backward_cpu);
 }

@@ -367,19 +367,13 @@ at::Tensor grad_h0(const at::Tensor& dA_d, const at::Tensor& whh, const StepSche
   return at::mm(dA_d.index_select(0, idx), whh);
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
-    const at::Tensor& hx, at::TensorList weights, const at::Tensor& output,
-    const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases,
-    std::array<bool, 3> output_mask) {
-  const char* op = "fused_rnn::rnn_layer_backward";
-  check_cuda(op, input);
-  const LayerShape s = check_layer_backward_args(op, grad_output, grad_h_n, input, hx, weights,
-                                                 output, batch_sizes, has_biases);
-  check_cuda_limits(op, s);
-  const c10::cuda::CUDAGuard guard(input.device());
+// The layer's BPTT from an owned dA (LayerKernels::backward); the device guard is the caller's.
+LayerGrads layer_backward_cuda(at::Tensor dA, const LayerShape& s, const at::Tensor& grad_h_n,
+                               const at::Tensor& input, const at::Tensor& hx,
+                               at::TensorList weights, const at::Tensor& output, bool relu,
+                               std::array<bool, 3> output_mask) {
+  check_cuda_limits("fused_rnn::rnn_layer_backward", s);
   const int64_t H = s.hidden, D = s.directions, ld = D * H, N = s.schedule.rows;
-  at::Tensor dA = grad_output.reshape({N, ld}).clone(at::MemoryFormat::Contiguous);
   const at::Tensor out = output.reshape({N, ld}).contiguous();
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor dhn = grad_h_n.contiguous();
@@ -412,10 +406,48 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
   return {grad_input, dh0, grad_weights};
 }
 
+constexpr LayerKernels kCudaKernels{&rnn_layer_forward_cuda, &layer_backward_cuda};
+
+LayerGrads rnn_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                   const at::Tensor& input, const at::Tensor& hx,
+                                   at::TensorList weights, const at::Tensor& output,
+                                   const std::optional<at::Tensor>& batch_sizes, bool relu,
+                                   bool has_biases, std::array<bool, 3> output_mask) {
+  const char* op = "fused_rnn::rnn_layer_backward";
+  check_cuda(op, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return layer_backward(kCudaKernels, op, grad_output, grad_h_n, input, hx, weights, output,
+                        batch_sizes, relu, has_biases, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_forward_cuda(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases,
+    int64_t num_layers) {
+  check_cuda("fused_rnn::rnn_forward", input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return stack_forward(kCudaKernels, input, hx, weights, batch_sizes, relu, has_biases,
+                       num_layers);
+}
+
+LayerGrads rnn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                             const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+                             at::TensorList hidden_outputs, const at::Tensor& output,
+                             const std::optional<at::Tensor>& batch_sizes, bool relu,
+                             bool has_biases, int64_t num_layers,
+                             std::array<bool, 3> output_mask) {
+  check_cuda("fused_rnn::rnn_backward", input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  return stack_backward(kCudaKernels, grad_output, grad_h_n, input, hx, weights, hidden_outputs,
+                        output, batch_sizes, relu, has_biases, num_layers, output_mask);
+}
+
 }  // namespace
 }  // namespace fused_rnn::cuda
 
 TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
   m.impl("rnn_layer_forward", &fused_rnn::cuda::rnn_layer_forward_cuda);
   m.impl("rnn_layer_backward", &fused_rnn::cuda::rnn_layer_backward_cuda);
+  m.impl("rnn_forward", &fused_rnn::cuda::rnn_forward_cuda);
+  m.impl("rnn_backward", &fused_rnn::cuda::rnn_backward_cuda);
 }
