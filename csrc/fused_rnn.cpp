@@ -34,6 +34,13 @@ PyObject* cpu_gemm_path(PyObject*, PyObject*) {
   return PyUnicode_FromString(fused_rnn::cpu::gemm_path());
 }
 
+// cpu_step_parts(rows, n, k, threads): the column blocks a CPU step GEMM is cut into.
+PyObject* cpu_step_parts(PyObject*, PyObject* args) {
+  long long rows, n, k, threads;
+  if (!PyArg_ParseTuple(args, "LLLL", &rows, &n, &k, &threads)) return nullptr;
+  return PyLong_FromLongLong(fused_rnn::cpu::step_parts(rows, n, k, threads));
+}
+
 PyObject* has_cuda_kernels(PyObject*, PyObject*) {
 #ifdef FUSED_RNN_WITH_CUDA
   Py_RETURN_TRUE;
@@ -98,6 +105,8 @@ PyMethodDef methods[] = {
     {"get_cuda_path", get_cuda_path, METH_NOARGS, "The forced CUDA path ('auto' unless set)."},
     {"cpu_gemm_path", cpu_gemm_path, METH_NOARGS,
      "Which GEMM the CPU recurrence calls per step: 'blas' (direct) or 'aten'."},
+    {"cpu_step_parts", cpu_step_parts, METH_VARARGS,
+     "How many column blocks (threads) a CPU step GEMM of rows x n (inner k) is cut into."},
     {"has_cuda_kernels", has_cuda_kernels, METH_NOARGS,
      "Whether this build compiled the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};

@@ -139,6 +139,12 @@ LayerShape check_layer_backward_args(const char* op, const at::Tensor& grad_outp
   return s;
 }
 
+std::vector<at::Tensor> contiguous_w_hh(at::TensorList weights, const LayerShape& s) {
+  std::vector<at::Tensor> out;
+  for (int64_t d = 0; d < s.directions; ++d) out.push_back(w_hh(weights, s, d).contiguous());
+  return out;
+}
+
 at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights,
                             const LayerShape& s) {
   const int64_t dh = s.directions * s.hidden;

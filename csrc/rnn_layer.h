@@ -68,6 +68,9 @@ inline const at::Tensor& w_hh(at::TensorList weights, const LayerShape& s, int64
   return weights[d * s.per_direction + 1];
 }
 
+// Each direction's W_hh, contiguous.
+std::vector<at::Tensor> contiguous_w_hh(at::TensorList weights, const LayerShape& s);
+
 // The input projection for all steps and directions, P = X · W_ih_dᵀ + (b_ih + b_hh) per direction, written
 // into a new (N, D·H) tensor that the recurrence then updates in place. Device-generic (ATen GEMM).
 at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights,

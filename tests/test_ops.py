@@ -19,18 +19,18 @@ from conftest import ROOT
 native = pytest.mark.skipif(_ops._C is None, reason="native extension not built")
 
 
-def sample_inputs(dtype=torch.float64, requires_grad=True):
+def sample_inputs(dtype=torch.float64, requires_grad=True, hidden=6, lengths=(5, 3, 2)):
     """(args) tuples for rnn_layer_forward: padded and packed, 1 and 2 directions, with and without
-    biases, tanh and relu."""
+    biases, tanh and relu. Padded input has len(lengths) sequences of max(lengths) steps."""
     g = torch.Generator().manual_seed(0)
-    T, B, I, H = 5, 3, 4, 6
+    T, B, I, H = max(lengths), len(lengths), 4, hidden
     out = []
     for packed in (False, True):
         for D in (1, 2):
             for has_biases in (True, False):
                 for relu in (False, True):
                     if packed:
-                        seqs = [torch.randn(n, I, generator=g, dtype=dtype) for n in (5, 3, 2)]
+                        seqs = [torch.randn(n, I, generator=g, dtype=dtype) for n in lengths]
                         p = pack_sequence(seqs)
                         x, bs = p.data, p.batch_sizes
                     else:
@@ -234,6 +234,62 @@ def test_native_stack_backward_rejects_bad_arguments():
         torch.ops.fused_rnn.rnn_backward(bargs[0], bargs[1][:2], *bargs[2:])
     with pytest.raises(RuntimeError, match="expected output of size"):
         torch.ops.fused_rnn.rnn_backward(*bargs[:5], [hidden[0], hidden[1][:2]], *bargs[6:])
+
+
+@native
+def test_cpu_step_parts_heuristic(monkeypatch):
+    monkeypatch.delenv("FUSED_RNN_CPU_PARTS", raising=False)
+    parts = _ops._C.cpu_step_parts
+    assert parts(8, 512, 512, 2) == 2
+    assert parts(64, 64, 64, 2) == 2
+    assert parts(8, 512, 512, 1) == 1  # one thread
+    assert parts(1, 256, 256, 2) == 1  # 65 k multiply-adds: less than a fork/join per step costs
+    assert parts(8, 512, 512, 16) == 16
+    assert parts(64, 40, 4096, 8) == 3  # blocks of at least 16 columns
+    monkeypatch.setenv("FUSED_RNN_CPU_PARTS", "3")
+    assert parts(1, 100, 100, 1) == 3
+    assert parts(1, 20, 20, 4) == 2
+    assert parts(1, 8, 8, 4) == 1
+
+
+@native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("parts", ["1", "2", "3"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_column_blocks_and_parallel_directions_equal_the_reference(parts, threads, dtype,
+                                                                   monkeypatch):
+    """Steps cut into column blocks (FUSED_RNN_CPU_PARTS), run in parallel or not, and the two
+    directions run in parallel (2 threads), against the float64 reference. float32 with 5 rows
+    takes MKL's packed GEMM per block."""
+    monkeypatch.setenv("FUSED_RNN_CPU_PARTS", parts)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # H = 40: blocks of 16 + 16 + 8 columns; 5 rows take MKL's packed GEMM in float32.
+        for args in sample_inputs(dtype, False, hidden=40, lengths=(6, 6, 6, 4, 1)):
+            x, hx, ws, bs, relu, has_biases = args
+            # Weights scaled to a contracting recurrence (W_hh's spectral radius about 0.8), in
+            # which float32 rounding does not grow from step to step.
+            ws = [w * 0.3 for w in ws]
+            args = (x, hx, ws, bs, relu, has_biases)
+            out, hn = torch.ops.fused_rnn.rnn_layer_forward(*args)
+            g = torch.Generator().manual_seed(4)
+            go = torch.randn(out.shape, generator=g, dtype=dtype)
+            gh = torch.randn(hn.shape, generator=g, dtype=dtype)
+            got = torch.ops.fused_rnn.rnn_layer_backward(go, gh, x, hx, ws, out, bs, relu,
+                                                         has_biases, [True, True, True])
+            d64 = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                   for t in (x, hx)]
+            w64 = [w.double() for w in ws]
+            ref = _reference.rnn_layer_forward(d64[0], d64[1], w64, bs, relu, has_biases)
+            want = _reference.rnn_layer_backward(go.double(), gh.double(), d64[0], d64[1], w64,
+                                                 ref[0], bs, relu, has_biases, [True] * 3)
+            tol = 1e-11 if dtype == torch.float64 else 2e-5
+            for a, b in zip([out, hn, got[0], got[1], *got[2]],
+                            [ref[0], ref[1], want[0], want[1], *want[2]]):
+                torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+    finally:
+        torch.set_num_threads(previous)
 
 
 BAD_ARGS = [

@@ -8,6 +8,7 @@
 // place; the rest is whole-sequence GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,70 +36,106 @@ void add_rows(scalar_t* dst, int64_t ldd, const scalar_t* src, int64_t lds, int6
 }
 
 // One direction of the recurrence over out (rows of stride ld, already holding P). h0 and hn are
-// (B, H) contiguous.
+// (B, H) contiguous. Each step is cut into `parts` column blocks (SplitRhs), run in parallel: block
+// p of step t needs all of step t − 1 (the GEMM's left side) but only its own columns of step t, so
+// the one synchronisation is the join at the end of each step.
 template <typename scalar_t>
 void recurrence_forward(scalar_t* out, int64_t ld, const scalar_t* h0, const scalar_t* whh,
-                        const StepSchedule& s, int64_t H, bool reverse, bool relu, scalar_t* hn) {
+                        const StepSchedule& s, int64_t H, bool reverse, bool relu, scalar_t* hn,
+                        int64_t parts) {
   const auto& bs = s.bs;
   const auto& off = s.offset;
   copy_rows(hn, H, h0, H, s.batch, H);
-  const StepRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/true, s.batch);  // · W_hhᵀ
+  const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/true, s.batch, parts);  // · W_hhᵀ
   if (!reverse) {
     for (int64_t t = 0; t < s.steps; ++t) {
       scalar_t* cur = out + off[t] * ld;
       const scalar_t* prev = t == 0 ? h0 : out + off[t - 1] * ld;
-      w.multiply(bs[t], prev, t == 0 ? H : ld, 1, cur, ld);
-      activate_rows(cur, bs[t], H, ld, relu);
-      // Rows [bs[t+1], bs[t]) end here: their state is final.
-      copy_rows(hn + bs[t + 1] * H, H, cur + bs[t + 1] * ld, ld, bs[t] - bs[t + 1], H);
+      w.for_each_part([&](int64_t p) {
+        const int64_t c0 = w.col0(p), n = w.cols(p);
+        w.multiply(p, bs[t], prev, t == 0 ? H : ld, 1, cur, ld);
+        activate_rows(cur + c0, bs[t], n, ld, relu);
+        // Rows [bs[t+1], bs[t]) end here: their state is final.
+        copy_rows(hn + bs[t + 1] * H + c0, H, cur + bs[t + 1] * ld + c0, ld,
+                  bs[t] - bs[t + 1], n);
+      });
     }
   } else {
     for (int64_t t = s.steps - 1; t >= 0; --t) {
       scalar_t* cur = out + off[t] * ld;
       const int64_t cont = bs[t + 1];  // rows that came from step t + 1; the rest start from h0
-      w.multiply(cont, out + off[t + 1] * ld, ld, 1, cur, ld);
-      w.multiply(bs[t] - cont, h0 + cont * H, H, 1, cur + cont * ld, ld);
-      activate_rows(cur, bs[t], H, ld, relu);
+      w.for_each_part([&](int64_t p) {
+        w.multiply(p, cont, out + off[t + 1] * ld, ld, 1, cur, ld);
+        w.multiply(p, bs[t] - cont, h0 + cont * H, H, 1, cur + cont * ld, ld);
+        activate_rows(cur + w.col0(p), bs[t], w.cols(p), ld, relu);
+      });
     }
     if (s.steps > 0) copy_rows(hn, H, out + off[0] * ld, ld, bs[0], H);
   }
 }
 
 // One direction of BPTT: turns dA (holding dH, rows of stride ld) into the pre-activation gradient in
-// place and writes dh0 (B, H). dhn and dh0 are (B, H) contiguous; out holds h_t.
+// place and writes dh0 (B, H). dhn and dh0 are (B, H) contiguous; out holds h_t. Column blocks as
+// in the forward.
 template <typename scalar_t>
 void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const scalar_t* dhn,
                          const scalar_t* whh, const StepSchedule& s, int64_t H, bool reverse,
-                         bool relu, scalar_t* dh0) {
+                         bool relu, scalar_t* dh0, int64_t parts) {
   const auto& bs = s.bs;
   const auto& off = s.offset;
   if (s.steps == 0) {
     copy_rows(dh0, H, dhn, H, s.batch, H);
     return;
   }
-  const StepRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/false, s.batch);  // · W_hh
+  const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/false, s.batch, parts);  // · W_hh
   if (!reverse) {
     for (int64_t t = s.steps - 1; t >= 0; --t) {
       scalar_t* cur = dA + off[t] * ld;
       const int64_t cont = bs[t + 1];
-      add_rows(cur + cont * ld, ld, dhn + cont * H, H, bs[t] - cont, H);
-      w.multiply(cont, dA + off[t + 1] * ld, ld, 1, cur, ld);
-      times_activation_grad(cur, out + off[t] * ld, bs[t], H, ld, relu);
+      w.for_each_part([&](int64_t p) {
+        const int64_t c0 = w.col0(p), n = w.cols(p);
+        add_rows(cur + cont * ld + c0, ld, dhn + cont * H + c0, H, bs[t] - cont, n);
+        w.multiply(p, cont, dA + off[t + 1] * ld, ld, 1, cur, ld);
+        times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
+      });
     }
-    w.multiply(bs[0], dA + off[0] * ld, ld, 0, dh0, H);
+    w.for_each_part([&](int64_t p) { w.multiply(p, bs[0], dA + off[0] * ld, ld, 0, dh0, H); });
   } else {
     for (int64_t t = 0; t < s.steps; ++t) {
       scalar_t* cur = dA + off[t] * ld;
-      if (t == 0) {
-        add_rows(cur, ld, dhn, H, bs[0], H);
-      } else {
-        w.multiply(bs[t], dA + off[t - 1] * ld, ld, 1, cur, ld);
-      }
-      times_activation_grad(cur, out + off[t] * ld, bs[t], H, ld, relu);
-      const int64_t cont = bs[t + 1];  // rows [cont, bs[t]) started from h0 at this step
-      w.multiply(bs[t] - cont, cur + cont * ld, ld, 0, dh0 + cont * H, H);
+      w.for_each_part([&](int64_t p) {
+        const int64_t c0 = w.col0(p), n = w.cols(p);
+        if (t == 0) {
+          add_rows(cur + c0, ld, dhn + c0, H, bs[0], n);
+        } else {
+          w.multiply(p, bs[t], dA + off[t - 1] * ld, ld, 1, cur, ld);
+        }
+        times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
+      });
     }
+    // Rows [bs[t + 1], bs[t]) of step t started from h0 there (they are final once written).
+    w.for_each_part([&](int64_t p) {
+      for (int64_t t = 0; t < s.steps; ++t) {
+        const int64_t cont = bs[t + 1];
+        w.multiply(p, bs[t] - cont, dA + (off[t] + cont) * ld, ld, 0, dh0 + cont * H, H);
+      }
+    });
   }
+}
+
+// Runs body(d, parts) for every direction: the two directions in parallel when there are threads
+// for both (each then single-threaded, no per-step synchronisation), else one after the other with
+// each step cut into column blocks.
+template <typename F>
+void for_each_direction(int64_t D, int64_t rows, int64_t H, const F& body) {
+  const int64_t threads = recurrence_threads();
+  if (D == 2 && threads >= 2 && step_parts(rows, H, H, threads) > 1) {
+    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t d = begin; d < end; ++d) body(d, int64_t{1});
+    });
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) body(d, step_parts(rows, H, H, threads));
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cpu(
@@ -111,13 +148,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cpu(
   at::Tensor out = input_projection(rows, weights, s);
   const at::Tensor h0 = hx.contiguous();
   at::Tensor hn = at::empty_like(h0);
+  const std::vector<at::Tensor> whh = contiguous_w_hh(weights, s);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_forward_cpu", [&] {
-    for (int64_t d = 0; d < D; ++d) {
-      const at::Tensor whh = w_hh(weights, s, d).contiguous();
+    for_each_direction(D, s.schedule.batch, H, [&](int64_t d, int64_t parts) {
       recurrence_forward<scalar_t>(out.data_ptr<scalar_t>() + d * H, ld,
-                                   h0[d].data_ptr<scalar_t>(), whh.data_ptr<scalar_t>(),
-                                   s.schedule, H, d == 1, relu, hn[d].data_ptr<scalar_t>());
-    }
+                                   h0[d].data_ptr<scalar_t>(), whh[d].data_ptr<scalar_t>(),
+                                   s.schedule, H, d == 1, relu, hn[d].data_ptr<scalar_t>(), parts);
+    });
   });
   std::vector<int64_t> out_sizes = input.sizes().vec();
   out_sizes.back() = ld;
@@ -134,14 +171,14 @@ LayerGrads layer_backward_cpu(at::Tensor dA, const LayerShape& s, const at::Tens
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor dhn = grad_h_n.contiguous();
   at::Tensor dh0 = at::empty_like(h0);
+  const std::vector<at::Tensor> whh = contiguous_w_hh(weights, s);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu", [&] {
-    for (int64_t d = 0; d < D; ++d) {
-      const at::Tensor whh = w_hh(weights, s, d).contiguous();
+    for_each_direction(D, s.schedule.batch, H, [&](int64_t d, int64_t parts) {
       recurrence_backward<scalar_t>(dA.data_ptr<scalar_t>() + d * H, ld,
                                     out.data_ptr<scalar_t>() + d * H, dhn[d].data_ptr<scalar_t>(),
-                                    whh.data_ptr<scalar_t>(), s.schedule, H, d == 1, relu,
-                                    dh0[d].data_ptr<scalar_t>());
-    }
+                                    whh[d].data_ptr<scalar_t>(), s.schedule, H, d == 1, relu,
+                                    dh0[d].data_ptr<scalar_t>(), parts);
+    });
   });
   const bool need_input = output_mask[0], need_hx = output_mask[1], need_w = output_mask[2];
   std::vector<at::Tensor> grad_weights(need_w ? weights.size() : 0);

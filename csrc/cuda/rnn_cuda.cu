@@ -308,12 +308,6 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   if (join) join->finish();
 }
 
-std::vector<at::Tensor> contiguous_w_hh(at::TensorList weights, const LayerShape& s) {
-  std::vector<at::Tensor> out;
-  for (int64_t d = 0; d < s.directions; ++d) out.push_back(w_hh(weights, s, d).contiguous());
-  return out;
-}
-
 // The CUDA entry checks before the shared argument checks, and the sizes the kernels support after.
 void check_cuda(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.is_cuda(), op, ": expected CUDA tensors, got input on ", input.device());
