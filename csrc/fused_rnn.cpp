@@ -41,6 +41,12 @@ PyObject* cpu_step_parts(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(fused_rnn::cpu::step_parts(rows, n, k, threads));
 }
 
+PyObject* cpu_step_packed(PyObject*, PyObject* args) {
+  long long rows, n, k;
+  if (!PyArg_ParseTuple(args, "LLL", &rows, &n, &k)) return nullptr;
+  return PyBool_FromLong(fused_rnn::cpu::float_step_packed(rows, n, k));
+}
+
 PyObject* has_cuda_kernels(PyObject*, PyObject*) {
 #ifdef FUSED_RNN_WITH_CUDA
   Py_RETURN_TRUE;
@@ -107,6 +113,8 @@ PyMethodDef methods[] = {
      "Which GEMM the CPU recurrence calls per step: 'blas' (direct) or 'aten'."},
     {"cpu_step_parts", cpu_step_parts, METH_VARARGS,
      "How many column blocks (threads) a CPU step GEMM of rows x n (inner k) is cut into."},
+    {"cpu_step_packed", cpu_step_packed, METH_VARARGS,
+     "Whether a float32 CPU step GEMM (rows x n, inner k) uses MKL's packed W_hh."},
     {"has_cuda_kernels", has_cuda_kernels, METH_NOARGS,
      "Whether this build compiled the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_sequence
 import fused_rnn
 from fused_rnn import _ops, _reference
 
-from conftest import ROOT
+from conftest import ROOT, assert_close, make_input, make_pair, run_and_grad
 
 native = pytest.mark.skipif(_ops._C is None, reason="native extension not built")
 
@@ -345,6 +345,32 @@ PARITY_SNIPPET = """
                 assert_close(u, v, dtype)
     print("parity ok")
 """
+
+
+@native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_step_gemm_keeps_parity(threads):
+    """float32 with W_hh (blocks) of at least 2^18 elements and 4+ rows takes MKL's packed GEMM
+    where torch exports it: padded (every step packed) and packed sequences (short steps not)."""
+    C = _ops._C
+    assert not C.cpu_step_packed(8, 256, 256) and not C.cpu_step_packed(3, 1024, 1024)
+    if C.cpu_gemm_path() == "blas" and C.cpu_step_packed(4, 512, 512):
+        assert C.cpu_step_packed(4, 512, 1024)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bi, kind in [(False, "padded"), (True, "packed"), (False, "packed")]:
+            ref, fused = make_pair(16, 1024, 1, "tanh", True, False, 0.0, bi,
+                                   dtype=torch.float32)
+            x, leaves = make_input(kind, False, 5, 6, 16, dtype=torch.float32, device="cpu",
+                                   gen=torch.Generator().manual_seed(2))
+            a, b = run_and_grad(ref, x, leaves, None), run_and_grad(fused, x, leaves, None)
+            assert_close(b[0], a[0], torch.float32)
+            assert_close(b[1], a[1], torch.float32)
+            for u, v in zip(b[2], a[2]):
+                assert_close(u, v, torch.float32)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @native

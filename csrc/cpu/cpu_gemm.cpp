@@ -131,6 +131,11 @@ bool packing_available() {
 }
 }  // namespace
 
+bool float_step_packed(int64_t rows, int64_t n, int64_t k) {
+  return fits_int(n) && fits_int(k) && fits_int(rows) && rows >= kMinPackedRows &&
+         n * k >= kMinPackedElements && packing_available();
+}
+
 template <typename scalar_t>
 StepRhs<scalar_t>::StepRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb,
                            bool transpose_b, int64_t rows)
@@ -140,8 +145,7 @@ template <>
 StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b,
                         int64_t rows)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {
-  const bool fits = fits_int(n) && fits_int(k) && fits_int(ldb) && fits_int(rows);
-  if (!fits || rows < kMinPackedRows || n == 0 || k == 0 || !packing_available()) return;
+  if (!fits_int(ldb) || !float_step_packed(rows, n, k)) return;
   const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(rows),
                                                  static_cast<int>(n), static_cast<int>(k));
   packed_ = static_cast<float*>(std::malloc(bytes));

@@ -33,6 +33,13 @@ const char* gemm_path();
 // with torch 2.14.1's MKL on 2 EPYC cores, T = 64, H = 1024 forward: batch 1 8.1 ms packed vs 6.0 ms
 // plain, batch 2 12.4 vs 11.3, batch 4 16.0 vs 22.5), so it is not packed.
 constexpr int64_t kMinPackedRows = 4;
+// Nor below kMinPackedElements elements of the (block of) W_hh: there the plain kernel was faster
+// too (T = 64 forward, 2 threads, each step in two column blocks: B 8 H 256 1.6 ms packed vs
+// 1.2 ms plain, B 4 H 512 3.5 vs 2.6, B 64 H 64 1.0 vs 0.8; B 8 H 1024, 2^19 per block, equal).
+constexpr int64_t kMinPackedElements = int64_t{1} << 18;
+
+// Whether a float32 StepRhs for these sizes (rows packed for, op(B) n × k) is packed.
+bool float_step_packed(int64_t rows, int64_t n, int64_t k);
 
 template <typename scalar_t>
 class StepRhs {
