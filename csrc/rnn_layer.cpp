@@ -211,12 +211,16 @@ at::Tensor grad_input_in_place(at::Tensor& dA, at::TensorList weights, const Lay
   const int64_t rows = dA.size(0), width = dA.size(1), isize = s.input_size;
   at::Tensor flat = dA.view({-1});
   // Blocks of about 1/64 of the rows (the scratch is then small next to dA), but at least
-  // kMinBlockRows where that is at most a quarter of the rows: each block is a GEMM, and thin ones
-  // run far below the GEMM rate (T = 64, B = 32, H = 256 float32 on 2 cores: 64 blocks of 32 rows
-  // took 3.8 ms where one GEMM takes 1.35 ms). The scratch stays under kMaxBlockElements elements.
+  // kMinBlockRows rows and kMinBlockElements elements where that is at most a quarter of the rows:
+  // each block is a GEMM, and thin or small ones run far below the GEMM rate (float32 on 2 cores:
+  // T = 64, B = 32, H = 256, 64 blocks of 32 rows took 3.8 ms where one GEMM takes 1.35 ms; B = 64,
+  // H = 64, 16 blocks of 256 rows 0.42 ms where one GEMM takes 0.18 ms). The scratch stays under
+  // kMaxBlockElements elements.
   constexpr int64_t kMinBlockRows = 256;
-  constexpr int64_t kMaxBlockElements = 1 << 20;
-  const int64_t wanted = std::max<int64_t>((rows + 63) / 64, std::min(kMinBlockRows, rows / 4));
+  constexpr int64_t kMinBlockElements = int64_t{1} << 16;
+  constexpr int64_t kMaxBlockElements = int64_t{1} << 20;
+  const int64_t min_rows = std::max(kMinBlockRows, kMinBlockElements / std::max<int64_t>(width, 1));
+  const int64_t wanted = std::max<int64_t>((rows + 63) / 64, std::min(min_rows, rows / 4));
   const int64_t block = std::max<int64_t>(
       1, std::min<int64_t>(wanted, kMaxBlockElements / std::max<int64_t>(width, 1)));
   at::Tensor tmp = at::empty({std::min(block, rows), isize}, dA.options());

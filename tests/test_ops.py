@@ -259,13 +259,12 @@ def test_cpu_step_parts_heuristic(monkeypatch):
 def test_column_blocks_and_parallel_directions_equal_the_reference(parts, threads, dtype,
                                                                    monkeypatch):
     """Steps cut into column blocks (FUSED_RNN_CPU_PARTS), run in parallel or not, and the two
-    directions run in parallel (2 threads), against the float64 reference. float32 with 5 rows
-    takes MKL's packed GEMM per block."""
+    directions run in parallel (2 threads), against the float64 reference."""
     monkeypatch.setenv("FUSED_RNN_CPU_PARTS", parts)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        # H = 40: blocks of 16 + 16 + 8 columns; 5 rows take MKL's packed GEMM in float32.
+        # H = 40: blocks of 16 + 16 + 8 columns (too small for MKL's packed GEMM: see below).
         for args in sample_inputs(dtype, False, hidden=40, lengths=(6, 6, 6, 4, 1)):
             x, hx, ws, bs, relu, has_biases = args
             # Weights scaled to a contracting recurrence (W_hh's spectral radius about 0.8), in
