@@ -49,7 +49,7 @@ PYRUN := $(if $(findstring /,$(PY)),$(abspath $(PY)),$(PY))
 SAN_TESTS ?= tests/test_parity.py tests/test_ops.py tests/test_module.py tests/test_reliability.py
 sanitize: $(STAMP)
 	rm -rf build/asan && mkdir -p build/asan
-	cp -r fused_rnn tests csrc setup.py pyproject.toml MANIFEST.in README.md build/asan/
+	cp -r fused_rnn tests bench csrc setup.py pyproject.toml MANIFEST.in README.md build/asan/
 	rm -f build/asan/fused_rnn/_C*.so
 	cd build/asan && FUSED_RNN_SANITIZE=1 FUSED_RNN_CUDA=0 $(PYRUN) setup.py -q build_ext --inplace
 	cd build/asan && export PYTHONPATH=$$PWD \
