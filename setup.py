@@ -11,7 +11,9 @@ Environment:
 import glob
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -95,9 +97,28 @@ sanitize = os.environ.get("FUSED_RNN_SANITIZE") == "1"
 cxx_flags = ["-O3" if not sanitize else "-O1", "-Wall", "-Wextra", "-Werror",
              "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 link_flags = []
-if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+
+
+def compiler_has_openmp() -> bool:
+    """Whether the C++ compiler builds and links an OpenMP program (it may lack libgomp)."""
+    source = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "omp_check.cpp")
+        with open(path, "w") as f:
+            f.write(source)
+        try:
+            return subprocess.run([os.environ.get("CXX", "c++"), "-fopenmp", path, "-o",
+                                   os.path.join(folder, "omp_check")], capture_output=True,
+                                  timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
+if (sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+        and compiler_has_openmp()):
     # ATen's at::parallel_for is inlined into our code and runs serially unless we compile with
     # OpenMP too; -fopenmp links libgomp.so.1, the soname torch's own bundled copy already loaded.
+    # Without it the CPU recurrence runs on one thread (correct, slower).
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
 if sanitize:
