@@ -2,8 +2,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/ParallelGuard.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 
 #include <cstdlib>
 #include <cstring>
@@ -231,6 +238,39 @@ void SplitRhs<scalar_t>::run_parts(int64_t parts, const std::function<void(int64
     for (int64_t p = begin; p < end; ++p) f(p);
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
   });
+}
+
+template <typename scalar_t>
+void SplitRhs<scalar_t>::run_steps(int64_t parts, int64_t steps,
+                                   const std::function<void(int64_t, int64_t)>& f) {
+#ifdef _OPENMP
+  // Every thread of the team runs the same step loop and meets the others at each barrier, so the
+  // team size (whatever OpenMP grants) cannot deadlock it. An exception stops the work, not the
+  // barriers, and is rethrown after the region.
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(parts, at::get_num_threads())))
+  {
+    const c10::ParallelGuard guard(true);  // ATen calls in here stay single-threaded
+    const int64_t team = omp_get_num_threads(), tid = omp_get_thread_num();
+    for (int64_t i = 0; i < steps; ++i) {
+      for (int64_t p = tid; p < parts && !failed.load(std::memory_order_relaxed); p += team) {
+        try {
+          f(i, p);
+        } catch (...) {
+#pragma omp critical(fused_rnn_step_error)
+          if (!failed.exchange(true)) error = std::current_exception();
+        }
+      }
+#pragma omp barrier
+    }
+  }
+  if (error) std::rethrow_exception(error);
+#else
+  for (int64_t i = 0; i < steps; ++i) {
+    for (int64_t p = 0; p < parts; ++p) f(i, p);
+  }
+#endif
 }
 
 template class SplitRhs<float>;

@@ -99,8 +99,21 @@ class SplitRhs {
     run_parts(parts(), [&f](int64_t p) { f(p); });
   }
 
+  // f(i, p) for every step i in [0, steps) and block p: all blocks of step i before any of step
+  // i + 1. One parallel region for all the steps, a barrier between them (no fork/join per step).
+  template <typename F>
+  void for_each_step_part(int64_t steps, const F& f) const {
+    if (parts() == 1) {
+      for (int64_t i = 0; i < steps; ++i) f(i, int64_t{0});
+      return;
+    }
+    run_steps(parts(), steps, [&f](int64_t i, int64_t p) { f(i, p); });
+  }
+
  private:
   static void run_parts(int64_t parts, const std::function<void(int64_t)>& f);
+  static void run_steps(int64_t parts, int64_t steps,
+                        const std::function<void(int64_t, int64_t)>& f);
   std::vector<std::unique_ptr<StepRhs<scalar_t>>> blocks_;
   std::vector<int64_t> edges_;
 };

@@ -48,28 +48,25 @@ void recurrence_forward(scalar_t* out, int64_t ld, const scalar_t* h0, const sca
   copy_rows(hn, H, h0, H, s.batch, H);
   const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/true, s.batch, parts);  // · W_hhᵀ
   if (!reverse) {
-    for (int64_t t = 0; t < s.steps; ++t) {
+    w.for_each_step_part(s.steps, [&](int64_t t, int64_t p) {
       scalar_t* cur = out + off[t] * ld;
       const scalar_t* prev = t == 0 ? h0 : out + off[t - 1] * ld;
-      w.for_each_part([&](int64_t p) {
-        const int64_t c0 = w.col0(p), n = w.cols(p);
-        w.multiply(p, bs[t], prev, t == 0 ? H : ld, 1, cur, ld);
-        activate_rows(cur + c0, bs[t], n, ld, relu);
-        // Rows [bs[t+1], bs[t]) end here: their state is final.
-        copy_rows(hn + bs[t + 1] * H + c0, H, cur + bs[t + 1] * ld + c0, ld,
-                  bs[t] - bs[t + 1], n);
-      });
-    }
+      const int64_t c0 = w.col0(p), n = w.cols(p);
+      w.multiply(p, bs[t], prev, t == 0 ? H : ld, 1, cur, ld);
+      activate_rows(cur + c0, bs[t], n, ld, relu);
+      // Rows [bs[t+1], bs[t]) end here: their state is final.
+      copy_rows(hn + bs[t + 1] * H + c0, H, cur + bs[t + 1] * ld + c0, ld, bs[t] - bs[t + 1],
+                n);
+    });
   } else {
-    for (int64_t t = s.steps - 1; t >= 0; --t) {
+    w.for_each_step_part(s.steps, [&](int64_t i, int64_t p) {
+      const int64_t t = s.steps - 1 - i;
       scalar_t* cur = out + off[t] * ld;
       const int64_t cont = bs[t + 1];  // rows that came from step t + 1; the rest start from h0
-      w.for_each_part([&](int64_t p) {
-        w.multiply(p, cont, out + off[t + 1] * ld, ld, 1, cur, ld);
-        w.multiply(p, bs[t] - cont, h0 + cont * H, H, 1, cur + cont * ld, ld);
-        activate_rows(cur + w.col0(p), bs[t], w.cols(p), ld, relu);
-      });
-    }
+      w.multiply(p, cont, out + off[t + 1] * ld, ld, 1, cur, ld);
+      w.multiply(p, bs[t] - cont, h0 + cont * H, H, 1, cur + cont * ld, ld);
+      activate_rows(cur + w.col0(p), bs[t], w.cols(p), ld, relu);
+    });
     if (s.steps > 0) copy_rows(hn, H, out + off[0] * ld, ld, bs[0], H);
   }
 }
@@ -89,30 +86,27 @@ void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const sc
   }
   const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/false, s.batch, parts);  // · W_hh
   if (!reverse) {
-    for (int64_t t = s.steps - 1; t >= 0; --t) {
+    w.for_each_step_part(s.steps, [&](int64_t i, int64_t p) {
+      const int64_t t = s.steps - 1 - i;
       scalar_t* cur = dA + off[t] * ld;
       const int64_t cont = bs[t + 1];
-      w.for_each_part([&](int64_t p) {
-        const int64_t c0 = w.col0(p), n = w.cols(p);
-        add_rows(cur + cont * ld + c0, ld, dhn + cont * H + c0, H, bs[t] - cont, n);
-        w.multiply(p, cont, dA + off[t + 1] * ld, ld, 1, cur, ld);
-        times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
-      });
-    }
+      const int64_t c0 = w.col0(p), n = w.cols(p);
+      add_rows(cur + cont * ld + c0, ld, dhn + cont * H + c0, H, bs[t] - cont, n);
+      w.multiply(p, cont, dA + off[t + 1] * ld, ld, 1, cur, ld);
+      times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
+    });
     w.for_each_part([&](int64_t p) { w.multiply(p, bs[0], dA + off[0] * ld, ld, 0, dh0, H); });
   } else {
-    for (int64_t t = 0; t < s.steps; ++t) {
+    w.for_each_step_part(s.steps, [&](int64_t t, int64_t p) {
       scalar_t* cur = dA + off[t] * ld;
-      w.for_each_part([&](int64_t p) {
-        const int64_t c0 = w.col0(p), n = w.cols(p);
-        if (t == 0) {
-          add_rows(cur + c0, ld, dhn + c0, H, bs[0], n);
-        } else {
-          w.multiply(p, bs[t], dA + off[t - 1] * ld, ld, 1, cur, ld);
-        }
-        times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
-      });
-    }
+      const int64_t c0 = w.col0(p), n = w.cols(p);
+      if (t == 0) {
+        add_rows(cur + c0, ld, dhn + c0, H, bs[0], n);
+      } else {
+        w.multiply(p, bs[t], dA + off[t - 1] * ld, ld, 1, cur, ld);
+      }
+      times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
+    });
     // Rows [bs[t + 1], bs[t]) of step t started from h0 there (they are final once written).
     w.for_each_part([&](int64_t p) {
       for (int64_t t = 0; t < s.steps; ++t) {
