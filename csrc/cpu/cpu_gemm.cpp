@@ -33,7 +33,6 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
                          int lda, const float* b, int ldb, float beta, float* c, int ldc)
     __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace fused_rnn::cpu {
@@ -185,11 +184,16 @@ template class StepRhs<float>;
 template class StepRhs<double>;
 
 namespace {
-// A step of fewer multiply-adds than this stays on one thread: a fork/join of torch's OpenMP
-// threads costs microseconds. (2 EPYC cores, torch 2.14.1, per 64 steps: B 64 H 64, 262 k
+// A step of fewer multiply-adds than this stays on one thread: synchronising the threads at every
+// step costs microseconds. (2 EPYC cores, torch 2.14.1, per 64 steps: B 64 H 64, 262 k
 // multiply-adds a step, 0.98 ms threaded by MKL, 0.27 ms for half the columns on one thread.)
 constexpr int64_t kMinSplitMacs = 1 << 17;
 constexpr int64_t kColumnAlign = 16;
+
+// The most column blocks n columns are cut into (blocks of at least kColumnAlign columns).
+int64_t max_column_blocks(int64_t n) {
+  return std::max<int64_t>(1, (n + kColumnAlign - 1) / kColumnAlign);
+}
 
 // Read at every layer call (not cached), so that tests can switch it within one process.
 int64_t forced_parts() {
@@ -199,7 +203,7 @@ int64_t forced_parts() {
 }  // namespace
 
 int64_t step_parts(int64_t rows, int64_t n, int64_t k, int64_t threads) {
-  const int64_t max_parts = std::max<int64_t>(1, (n + kColumnAlign - 1) / kColumnAlign);
+  const int64_t max_parts = max_column_blocks(n);
   if (forced_parts() > 0) return std::min(forced_parts(), max_parts);
   if (threads < 2 || rows * n * k < kMinSplitMacs) return 1;
   return std::min(threads, max_parts);
@@ -216,7 +220,7 @@ int64_t recurrence_threads() {
 template <typename scalar_t>
 SplitRhs<scalar_t>::SplitRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb,
                              bool transpose_b, int64_t rows, int64_t parts) {
-  parts = std::max<int64_t>(1, std::min(parts, (n + kColumnAlign - 1) / kColumnAlign));
+  parts = std::max<int64_t>(1, std::min(parts, max_column_blocks(n)));
   // Equal blocks rounded to kColumnAlign columns; the last takes the rest.
   const int64_t per = (n / parts + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
   edges_.push_back(0);
@@ -229,15 +233,6 @@ SplitRhs<scalar_t>::SplitRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ld
     blocks_.push_back(std::make_unique<StepRhs<scalar_t>>(block, edges_[p + 1] - c0, k, ldb,
                                                           transpose_b, rows));
   }
-}
-
-template <typename scalar_t>
-void SplitRhs<scalar_t>::run_parts(int64_t parts, const std::function<void(int64_t)>& f) {
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    const int prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-    for (int64_t p = begin; p < end; ++p) f(p);
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
-  });
 }
 
 template <typename scalar_t>

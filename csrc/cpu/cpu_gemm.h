@@ -60,8 +60,8 @@ class StepRhs {
 };
 
 // How many column blocks a step GEMM of rows × n (inner size k) is cut into, to run on `threads` of
-// torch's intra-op threads: one per thread when the step is big enough to pay for a fork/join per
-// step, else 1. Each block then is a single-threaded GEMM on its own slice of W_hh, which stays in
+// torch's intra-op threads: one per thread when the step is big enough to pay for synchronising
+// the threads at every step, else 1. Each block then is a single-threaded GEMM on its own slice of W_hh, which stays in
 // that core's cache for all T steps; MKL threading one small GEMM itself was slower than one
 // thread (2 EPYC cores, torch 2.14.1: 64 steps of 8 × 512 · 512 × 512, 7.2 ms on 2 threads,
 // 4.5 ms on 1, 2.2 ms for half the columns on 1). FUSED_RNN_CPU_PARTS=n forces n (tests).
@@ -92,11 +92,7 @@ class SplitRhs {
 
   template <typename F>
   void for_each_part(const F& f) const {
-    if (parts() == 1) {
-      f(int64_t{0});
-      return;
-    }
-    run_parts(parts(), [&f](int64_t p) { f(p); });
+    for_each_step_part(1, [&f](int64_t, int64_t p) { f(p); });
   }
 
   // f(i, p) for every step i in [0, steps) and block p: all blocks of step i before any of step
@@ -111,7 +107,6 @@ class SplitRhs {
   }
 
  private:
-  static void run_parts(int64_t parts, const std::function<void(int64_t)>& f);
   static void run_steps(int64_t parts, int64_t steps,
                         const std::function<void(int64_t, int64_t)>& f);
   std::vector<std::unique_ptr<StepRhs<scalar_t>>> blocks_;

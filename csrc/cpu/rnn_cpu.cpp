@@ -38,7 +38,7 @@ void add_rows(scalar_t* dst, int64_t ldd, const scalar_t* src, int64_t lds, int6
 // One direction of the recurrence over out (rows of stride ld, already holding P). h0 and hn are
 // (B, H) contiguous. Each step is cut into `parts` column blocks (SplitRhs), run in parallel: block
 // p of step t needs all of step t − 1 (the GEMM's left side) but only its own columns of step t, so
-// the one synchronisation is the join at the end of each step.
+// the one synchronisation is the barrier at the end of each step.
 template <typename scalar_t>
 void recurrence_forward(scalar_t* out, int64_t ld, const scalar_t* h0, const scalar_t* whh,
                         const StepSchedule& s, int64_t H, bool reverse, bool relu, scalar_t* hn,
@@ -123,13 +123,14 @@ void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const sc
 template <typename F>
 void for_each_direction(int64_t D, int64_t rows, int64_t H, const F& body) {
   const int64_t threads = recurrence_threads();
-  if (D == 2 && threads >= 2 && step_parts(rows, H, H, threads) > 1) {
+  const int64_t parts = step_parts(rows, H, H, threads);
+  if (D == 2 && threads >= 2 && parts > 1) {
     at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
       for (int64_t d = begin; d < end; ++d) body(d, int64_t{1});
     });
     return;
   }
-  for (int64_t d = 0; d < D; ++d) body(d, step_parts(rows, H, H, threads));
+  for (int64_t d = 0; d < D; ++d) body(d, parts);
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cpu(
