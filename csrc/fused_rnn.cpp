@@ -41,10 +41,12 @@ PyObject* cpu_step_parts(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(fused_rnn::cpu::step_parts(rows, n, k, threads));
 }
 
-PyObject* cpu_step_packed(PyObject*, PyObject* args) {
+// cpu_step_kernel(rows, n, k): the kernel of a float32 CPU step GEMM ("panel", "packed", "blas",
+// "aten").
+PyObject* cpu_step_kernel(PyObject*, PyObject* args) {
   long long rows, n, k;
   if (!PyArg_ParseTuple(args, "LLL", &rows, &n, &k)) return nullptr;
-  return PyBool_FromLong(fused_rnn::cpu::float_step_packed(rows, n, k));
+  return PyUnicode_FromString(fused_rnn::cpu::float_step_kernel(rows, n, k));
 }
 
 PyObject* has_cuda_kernels(PyObject*, PyObject*) {
@@ -110,11 +112,12 @@ PyMethodDef methods[] = {
      "Force the CUDA recurrence path: 'auto', 'persistent', 'per_step' or 'per_step_cublas'."},
     {"get_cuda_path", get_cuda_path, METH_NOARGS, "The forced CUDA path ('auto' unless set)."},
     {"cpu_gemm_path", cpu_gemm_path, METH_NOARGS,
-     "Which GEMM the CPU recurrence calls per step: 'blas' (direct) or 'aten'."},
+     "Which general GEMM the CPU kernels call on raw pointers: 'blas' (direct) or 'aten'."},
     {"cpu_step_parts", cpu_step_parts, METH_VARARGS,
      "How many column blocks (threads) a CPU step GEMM of rows x n (inner k) is cut into."},
-    {"cpu_step_packed", cpu_step_packed, METH_VARARGS,
-     "Whether a float32 CPU step GEMM (rows x n, inner k) uses MKL's packed W_hh."},
+    {"cpu_step_kernel", cpu_step_kernel, METH_VARARGS,
+     "The kernel of a float32 CPU step GEMM (rows x n, inner k): 'panel', 'packed', 'blas' or "
+     "'aten'."},
     {"has_cuda_kernels", has_cuda_kernels, METH_NOARGS,
      "Whether this build compiled the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};

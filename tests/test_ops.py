@@ -252,6 +252,32 @@ def test_cpu_step_parts_heuristic(monkeypatch):
     assert parts(1, 8, 8, 4) == 1
 
 
+def _assert_layer_ops_match_float64(args, dtype, seed=4):
+    """rnn_layer_forward and rnn_layer_backward on args against the float64 reference."""
+    x, hx, ws, bs, relu, has_biases = args
+    out, hn = torch.ops.fused_rnn.rnn_layer_forward(*args)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g, dtype=dtype)
+    gh = torch.randn(hn.shape, generator=g, dtype=dtype)
+    got = torch.ops.fused_rnn.rnn_layer_backward(go, gh, x, hx, ws, out, bs, relu, has_biases,
+                                                 [True, True, True])
+    w64 = [w.double() for w in ws]
+    ref = _reference.rnn_layer_forward(x.double(), hx.double(), w64, bs, relu, has_biases)
+    want = _reference.rnn_layer_backward(go.double(), gh.double(), x.double(), hx.double(), w64,
+                                         ref[0], bs, relu, has_biases, [True] * 3)
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    for a, b in zip([out, hn, got[0], got[1], *got[2]],
+                    [ref[0], ref[1], want[0], want[1], *want[2]]):
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+
+
+def _contracting(args):
+    """The same args with weights scaled to a contracting recurrence (W_hh's spectral radius about
+    0.8), in which float32 rounding does not grow from step to step."""
+    x, hx, ws, bs, relu, has_biases = args
+    return (x, hx, [w * 0.3 for w in ws], bs, relu, has_biases)
+
+
 @native
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("parts", ["1", "2", "3"])
@@ -264,31 +290,49 @@ def test_column_blocks_and_parallel_directions_equal_the_reference(parts, thread
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        # H = 40: blocks of 16 + 16 + 8 columns (too small for MKL's packed GEMM: see below).
+        # H = 40: blocks of 16 + 16 + 8 columns.
         for args in sample_inputs(dtype, False, hidden=40, lengths=(6, 6, 6, 4, 1)):
-            x, hx, ws, bs, relu, has_biases = args
-            # Weights scaled to a contracting recurrence (W_hh's spectral radius about 0.8), in
-            # which float32 rounding does not grow from step to step.
-            ws = [w * 0.3 for w in ws]
-            args = (x, hx, ws, bs, relu, has_biases)
-            out, hn = torch.ops.fused_rnn.rnn_layer_forward(*args)
-            g = torch.Generator().manual_seed(4)
-            go = torch.randn(out.shape, generator=g, dtype=dtype)
-            gh = torch.randn(hn.shape, generator=g, dtype=dtype)
-            got = torch.ops.fused_rnn.rnn_layer_backward(go, gh, x, hx, ws, out, bs, relu,
-                                                         has_biases, [True, True, True])
-            d64 = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                   for t in (x, hx)]
-            w64 = [w.double() for w in ws]
-            ref = _reference.rnn_layer_forward(d64[0], d64[1], w64, bs, relu, has_biases)
-            want = _reference.rnn_layer_backward(go.double(), gh.double(), d64[0], d64[1], w64,
-                                                 ref[0], bs, relu, has_biases, [True] * 3)
-            tol = 1e-11 if dtype == torch.float64 else 2e-5
-            for a, b in zip([out, hn, got[0], got[1], *got[2]],
-                            [ref[0], ref[1], want[0], want[1], *want[2]]):
-                torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+            _assert_layer_ops_match_float64(_contracting(args), dtype)
     finally:
         torch.set_num_threads(previous)
+
+
+def _cpu_has_avx512f():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+@native
+def test_panel_kernel_runs_wherever_avx512_does():
+    kernel = _ops._C.cpu_step_kernel(8, 512, 512)
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64" and \
+            "FUSED_RNN_CPU_GEMM" not in os.environ:
+        assert (kernel == "panel") == _cpu_has_avx512f()
+    assert kernel in ("panel", "packed", "blas", "aten")
+
+
+# (batch, hidden): every batch remainder modulo the kernel's 8-row tiles, batches above 8, and hidden
+# sizes that end in a partial panel (1, 15, 17, 33, 70) or not (16), with 1, 2, 3 or 5 panels (tiles
+# are 2 or 4 panels wide, so 3 and 5 leave a narrower tile at the end).
+PANEL_SHAPES = [(1, 1), (2, 15), (3, 16), (4, 17), (5, 33), (6, 70), (7, 33), (8, 17), (9, 16),
+                (10, 15), (11, 70), (12, 1), (13, 33), (16, 70), (17, 17)]
+
+
+@native
+@pytest.mark.skipif(_ops._C is not None and _ops._C.cpu_step_kernel(8, 64, 64) != "panel",
+                    reason="the panel kernel does not run on this machine")
+@pytest.mark.parametrize("parts", ["1", "2"])
+@pytest.mark.parametrize("batch,hidden", PANEL_SHAPES)
+def test_panel_step_kernel_equals_the_reference(batch, hidden, parts, monkeypatch):
+    """float32 step GEMMs on the AVX-512 panel kernel: tile and panel edges, packed sequences (steps
+    of fewer rows), two directions (row stride 2H), the beta = 0 product of dh0, column blocks."""
+    monkeypatch.setenv("FUSED_RNN_CPU_PARTS", parts)
+    lengths = [6 - i % 4 for i in range(batch)]
+    for args in sample_inputs(torch.float32, False, hidden=hidden, lengths=sorted(lengths)[::-1]):
+        _assert_layer_ops_match_float64(_contracting(args), torch.float32)
 
 
 BAD_ARGS = [
@@ -347,29 +391,36 @@ PARITY_SNIPPET = """
 
 
 @native
-@pytest.mark.parametrize("threads", [1, 2])
-def test_packed_step_gemm_keeps_parity(threads):
-    """float32 with W_hh (blocks) of at least 2^18 elements and 4+ rows takes MKL's packed GEMM
-    where torch exports it: padded (every step packed) and packed sequences (short steps not)."""
-    C = _ops._C
-    assert not C.cpu_step_packed(8, 256, 256) and not C.cpu_step_packed(3, 1024, 1024)
-    if C.cpu_gemm_path() == "blas" and C.cpu_step_packed(4, 512, 512):
-        assert C.cpu_step_packed(4, 512, 1024)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for bi, kind in [(False, "padded"), (True, "packed"), (False, "packed")]:
-            ref, fused = make_pair(16, 1024, 1, "tanh", True, False, 0.0, bi,
-                                   dtype=torch.float32)
-            x, leaves = make_input(kind, False, 5, 6, 16, dtype=torch.float32, device="cpu",
-                                   gen=torch.Generator().manual_seed(2))
-            a, b = run_and_grad(ref, x, leaves, None), run_and_grad(fused, x, leaves, None)
-            assert_close(b[0], a[0], torch.float32)
-            assert_close(b[1], a[1], torch.float32)
-            for u, v in zip(b[2], a[2]):
-                assert_close(u, v, torch.float32)
-    finally:
-        torch.set_num_threads(previous)
+def test_blas_step_paths_keep_parity():
+    """FUSED_RNN_CPU_GEMM=blas turns the panel kernel off: float32 steps of 4+ rows on W_hh (blocks)
+    of at least 2^18 elements then take MKL's packed GEMM where torch exports it, others plain BLAS;
+    H = 1024 padded (every step packed) and packed sequences (short steps not), 1 and 2 threads."""
+    code = """
+        import torch, fused_rnn
+        from conftest import make_pair, make_input, run_and_grad, assert_close
+        C = fused_rnn._ops._C
+        assert C.cpu_step_kernel(8, 256, 256) in ("blas", "aten")
+        assert C.cpu_step_kernel(3, 1024, 1024) in ("blas", "aten")
+        if C.cpu_step_kernel(4, 512, 512) == "packed":
+            assert C.cpu_step_kernel(4, 512, 1024) == "packed"
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for bi, kind in [(False, "padded"), (True, "packed"), (False, "packed")]:
+                ref, fused = make_pair(16, 1024, 1, "tanh", True, False, 0.0, bi,
+                                       dtype=torch.float32)
+                x, leaves = make_input(kind, False, 5, 6, 16, dtype=torch.float32, device="cpu",
+                                       gen=torch.Generator().manual_seed(2))
+                a, b = run_and_grad(ref, x, leaves, None), run_and_grad(fused, x, leaves, None)
+                assert_close(b[0], a[0], torch.float32)
+                assert_close(b[1], a[1], torch.float32)
+                for u, v in zip(b[2], a[2]):
+                    assert_close(u, v, torch.float32)
+        print("packed ok")
+    """
+    res = _run_python(textwrap.dedent(code) + textwrap.dedent(PARITY_SNIPPET),
+                      {"FUSED_RNN_CPU_GEMM": "blas"})
+    assert res.returncode == 0, res.stderr
+    assert "packed ok" in res.stdout and "parity ok" in res.stdout
 
 
 @native

@@ -1,5 +1,7 @@
 #include "cpu_gemm.h"
 
+#include "panel_gemm.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/ParallelGuard.h>
@@ -142,6 +144,11 @@ bool float_step_packed(int64_t rows, int64_t n, int64_t k) {
          n * k >= kMinPackedElements && packing_available();
 }
 
+const char* float_step_kernel(int64_t rows, int64_t n, int64_t k) {
+  if (panel_gemm_available()) return "panel";
+  return float_step_packed(rows, n, k) ? "packed" : gemm_path();
+}
+
 template <typename scalar_t>
 StepRhs<scalar_t>::StepRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb,
                            bool transpose_b, int64_t rows)
@@ -151,6 +158,15 @@ template <>
 StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b,
                         int64_t rows)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {
+  if (panel_gemm_available()) {
+    // Whole 64-byte lines (aligned_alloc wants a multiple of the alignment).
+    const size_t bytes = (static_cast<size_t>(panel_floats(n, k)) * sizeof(float) + 63) / 64 * 64;
+    panels_ = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
+    if (panels_ != nullptr) {
+      pack_panels(b, n, k, ldb, transpose_b, panels_);
+      return;
+    }
+  }
   if (!fits_int(ldb) || !float_step_packed(rows, n, k)) return;
   const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(rows),
                                                  static_cast<int>(n), static_cast<int>(k));
@@ -164,12 +180,17 @@ StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool 
 template <typename scalar_t>
 StepRhs<scalar_t>::~StepRhs() {
   std::free(packed_);
+  std::free(panels_);
 }
 
 template <typename scalar_t>
 void StepRhs<scalar_t>::multiply(int64_t m, const scalar_t* a, int64_t lda, scalar_t beta,
                                  scalar_t* c, int64_t ldc) const {
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (panels_ != nullptr) {
+      panel_gemm(m, n_, k_, a, lda, panels_, beta, c, ldc);
+      return;
+    }
     if (packed_ != nullptr && m == rows_ && fits_int(lda) && fits_int(ldc)) {
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m),
                           static_cast<int>(n_), static_cast<int>(k_), a, static_cast<int>(lda),

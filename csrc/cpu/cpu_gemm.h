@@ -25,8 +25,9 @@ void gemm_rowmajor(int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t l
 const char* gemm_path();
 
 // The right-hand side of a step GEMM that every step reuses (W_hhᵀ forward, W_hh in BPTT), packed
-// once into BLAS's internal panel format when the BLAS offers that (MKL's sgemm_pack/compute, float
-// only), so that the T steps do not each re-pack it. multiply() is gemm_rowmajor with this B; row
+// once, so that the T steps do not each re-pack it: float32 into panel_gemm's panels where that
+// kernel runs (panel_gemm.h), else into BLAS's internal format when the BLAS offers that (MKL's
+// sgemm_pack/compute, float only). multiply() is gemm_rowmajor with this B; row
 // counts other than the one packed for (the ends of packed sequences) take the plain path.
 //
 // Below kMinPackedRows rows the packed kernel loses to the plain one (a GEMV-like product: measured
@@ -38,8 +39,12 @@ constexpr int64_t kMinPackedRows = 4;
 // 1.2 ms plain, B 4 H 512 3.5 vs 2.6, B 64 H 64 1.0 vs 0.8; B 8 H 1024, 2^19 per block, equal).
 constexpr int64_t kMinPackedElements = int64_t{1} << 18;
 
-// Whether a float32 StepRhs for these sizes (rows packed for, op(B) n × k) is packed.
+// Whether a float32 StepRhs for these sizes (rows packed for, op(B) n × k) is packed by MKL.
 bool float_step_packed(int64_t rows, int64_t n, int64_t k);
+
+// The kernel a float32 StepRhs for these sizes runs: "panel" (panel_gemm.h, wherever it is
+// available), "packed" (MKL's packed GEMM), "blas" or "aten" (gemm_rowmajor's paths).
+const char* float_step_kernel(int64_t rows, int64_t n, int64_t k);
 
 template <typename scalar_t>
 class StepRhs {
@@ -56,7 +61,8 @@ class StepRhs {
   const scalar_t* b_;
   int64_t n_, k_, ldb_, rows_;
   bool transpose_b_;
-  scalar_t* packed_ = nullptr;
+  scalar_t* packed_ = nullptr;  // MKL's packed format
+  float* panels_ = nullptr;     // panel_gemm's (float only)
 };
 
 // How many column blocks a step GEMM of rows × n (inner size k) is cut into, to run on `threads` of
