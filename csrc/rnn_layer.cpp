@@ -145,19 +145,25 @@ std::vector<at::Tensor> contiguous_w_hh(at::TensorList weights, const LayerShape
   return out;
 }
 
+void aten_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+               const at::Tensor& bias) {
+  at::Tensor o = out;  // the *_out functions take a mutable reference; o shares out's storage
+  if (bias.defined()) {
+    at::addmm_out(o, bias, a, b);
+  } else {
+    at::mm_out(o, a, b);
+  }
+}
+
 at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights,
-                            const LayerShape& s) {
+                            const LayerShape& s, SequenceGemm gemm) {
   const int64_t dh = s.directions * s.hidden;
   at::Tensor out = at::empty({s.schedule.rows, dh}, input_rows.options());
   // One GEMM per direction straight into its columns (row stride D·H): no stacked copy of W_ih.
   for (int64_t d = 0; d < s.directions; ++d) {
-    at::Tensor cols = out.narrow(1, d * s.hidden, s.hidden);
-    const at::Tensor w = w_ih(weights, s, d).t();
-    if (s.per_direction == 4) {
-      at::addmm_out(cols, weights[d * 4 + 2] + weights[d * 4 + 3], input_rows, w);
-    } else {
-      at::mm_out(cols, input_rows, w);
-    }
+    const at::Tensor bias =
+        s.per_direction == 4 ? weights[d * 4 + 2] + weights[d * 4 + 3] : at::Tensor();
+    gemm(out.narrow(1, d * s.hidden, s.hidden), input_rows, w_ih(weights, s, d).t(), bias);
   }
   return out;
 }

@@ -71,10 +71,18 @@ inline const at::Tensor& w_hh(at::TensorList weights, const LayerShape& s, int64
 // Each direction's W_hh, contiguous.
 std::vector<at::Tensor> contiguous_w_hh(at::TensorList weights, const LayerShape& s);
 
+// out = a · b (+ the row vector bias when defined), for 2-D a and b (b may be a transposed view) and
+// an out whose rows may be strided (a column slice): the input projection's GEMM, which a backend
+// may run on its own kernel; aten_gemm is ATen's mm / addmm.
+using SequenceGemm = void (*)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                              const at::Tensor& bias);
+void aten_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+               const at::Tensor& bias);
+
 // The input projection for all steps and directions, P = X · W_ih_dᵀ + (b_ih + b_hh) per direction, written
-// into a new (N, D·H) tensor that the recurrence then updates in place. Device-generic (ATen GEMM).
+// into a new (N, D·H) tensor that the recurrence then updates in place. Device-generic.
 at::Tensor input_projection(const at::Tensor& input_rows, at::TensorList weights,
-                            const LayerShape& s);
+                            const LayerShape& s, SequenceGemm gemm = aten_gemm);
 
 // dW_hh of one direction, Σ_t dA_tᵀ · h_{t-1}, as one GEMM over the sequence (dA_d and out_d are the
 // direction's (N, H) column views, h0 its (B, H) initial state). Device-generic (ATen GEMM).

@@ -335,6 +335,41 @@ def test_panel_step_kernel_equals_the_reference(batch, hidden, parts, monkeypatc
         _assert_layer_ops_match_float64(_contracting(args), torch.float32)
 
 
+@native
+def test_weight_layouts_do_not_change_the_result():
+    """Weights given as column-major or strided views: the input projection packs a column-major
+    W_ih like a row-major one (bitwise the same forward on the panel kernel) and hands strided ones to
+    ATen (the same to rounding)."""
+    g = torch.Generator().manual_seed(7)
+    T, B, I, H = 5, 3, 24, 40
+    x = torch.randn(T, B, I, generator=g)
+    hx = torch.randn(1, B, H, generator=g)
+    ws = [torch.randn(H, I, generator=g) * 0.2, torch.randn(H, H, generator=g) * 0.2,
+          torch.randn(H, generator=g) * 0.1, torch.randn(H, generator=g) * 0.1]
+
+    def run(weights):
+        out, hn = torch.ops.fused_rnn.rnn_layer_forward(x, hx, weights, None, False, True)
+        grads = torch.ops.fused_rnn.rnn_layer_backward(torch.ones_like(out), torch.ones_like(hn),
+                                                       x, hx, weights, out, None, False, True,
+                                                       [True, True, True])
+        return [out, hn, grads[0], grads[1], *grads[2]]
+
+    column_major = [w.t().contiguous().t() if w.dim() == 2 else w for w in ws]
+    strided = []
+    for w in ws:
+        wide = torch.zeros(*w.shape[:-1], 2 * w.shape[-1])
+        wide[..., ::2] = w
+        strided.append(wide[..., ::2])
+    assert not column_major[0].is_contiguous() and not strided[0].is_contiguous()
+    want = run(ws)
+    for got in (run(column_major), run(strided)):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if _ops._C.cpu_step_kernel(8, 64, 64) == "panel":
+        for a, b in zip(run(column_major)[:2], want[:2]):
+            assert torch.equal(a, b)
+
+
 BAD_ARGS = [
     ("input must be 3-D", lambda x, hx, ws, bs: (x[0], hx, ws, bs)),
     ("hx must be 3-D", lambda x, hx, ws, bs: (x, hx[0], ws, bs)),

@@ -159,13 +159,9 @@ StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool 
                         int64_t rows)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {
   if (panel_gemm_available()) {
-    // Whole 64-byte lines (aligned_alloc wants a multiple of the alignment).
-    const size_t bytes = (static_cast<size_t>(panel_floats(n, k)) * sizeof(float) + 63) / 64 * 64;
-    panels_ = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(bytes, 64)));
-    if (panels_ != nullptr) {
-      pack_panels(b, n, k, ldb, transpose_b, panels_);
-      return;
-    }
+    panels_ = at::empty({panel_floats(n, k)}, at::kFloat);  // from torch: its profilers count it
+    pack_panels(b, n, k, ldb, transpose_b, panels_.data_ptr<float>());
+    return;
   }
   if (!fits_int(ldb) || !float_step_packed(rows, n, k)) return;
   const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(rows),
@@ -180,15 +176,14 @@ StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool 
 template <typename scalar_t>
 StepRhs<scalar_t>::~StepRhs() {
   std::free(packed_);
-  std::free(panels_);
 }
 
 template <typename scalar_t>
 void StepRhs<scalar_t>::multiply(int64_t m, const scalar_t* a, int64_t lda, scalar_t beta,
                                  scalar_t* c, int64_t ldc) const {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (panels_ != nullptr) {
-      panel_gemm(m, n_, k_, a, lda, panels_, beta, c, ldc);
+    if (panels_.defined()) {
+      panel_gemm(m, n_, k_, a, lda, panels_.data_ptr<float>(), beta, nullptr, c, ldc);
       return;
     }
     if (packed_ != nullptr && m == rows_ && fits_int(lda) && fits_int(ldc)) {
@@ -291,5 +286,51 @@ void SplitRhs<scalar_t>::run_steps(int64_t parts, int64_t steps,
 
 template class SplitRhs<float>;
 template class SplitRhs<double>;
+
+namespace {
+
+// Products of about this many multiply-adds or more are cut into row blocks across threads (and the
+// packing into panel ranges); the at::parallel_for grain.
+constexpr int64_t kMinThreadMacs = int64_t{1} << 17;
+
+}  // namespace
+
+void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                   const at::Tensor& bias) {
+  const int64_t m = a.size(0), k = b.size(0), n = b.size(1);
+  // b is [k × n] row-major (unit column stride) or the transpose of a row-major [n × k].
+  const bool fits = panel_gemm_available() && out.scalar_type() == at::kFloat &&
+                    a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                    (b.stride(1) == 1 || b.stride(0) == 1) && (a.stride(1) == 1 || k <= 1) &&
+                    (out.stride(1) == 1 || n <= 1);
+  if (!fits) {
+    fused_rnn::aten_gemm(out, a, b, bias);
+    return;
+  }
+  if (m == 0 || n == 0) return;
+  const bool transpose = b.stride(1) != 1;
+  const int64_t ldb = transpose ? b.stride(1) : b.stride(0);
+  const float* src = b.data_ptr<float>();
+  // From torch's allocator, so that its memory profilers count it.
+  const at::Tensor panels = at::empty({panel_floats(n, k)}, at::kFloat);
+  float* dst = panels.data_ptr<float>();
+  const int64_t count = (n + kPanelWidth - 1) / kPanelWidth;
+  const int64_t pack_grain = std::max<int64_t>(1, kMinThreadMacs / std::max<int64_t>(1, 16 * k));
+  at::parallel_for(0, count, pack_grain, [&](int64_t p0, int64_t p1) {
+    const int64_t j0 = p0 * kPanelWidth, j1 = std::min(n, p1 * kPanelWidth);
+    pack_panels(transpose ? src + j0 * ldb : src + j0, j1 - j0, k, ldb, transpose, dst + j0 * k);
+  });
+  const at::Tensor bias_c = bias.defined() ? bias.contiguous() : at::Tensor();
+  const float* bias_p = bias.defined() ? bias_c.data_ptr<float>() : nullptr;
+  const float* a_p = a.data_ptr<float>();
+  float* c_p = out.data_ptr<float>();
+  const int64_t lda = a.stride(0), ldc = out.stride(0);
+  const int64_t blocks = (m + 7) / 8;  // of 8 rows, the kernel's tile height
+  const int64_t grain = std::max<int64_t>(1, kMinThreadMacs / std::max<int64_t>(1, 8 * n * k));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t r0 = b0 * 8, r1 = std::min(m, b1 * 8);
+    panel_gemm(r1 - r0, n, k, a_p + r0 * lda, lda, dst, 0.f, bias_p, c_p + r0 * ldc, ldc);
+  });
+}
 
 }  // namespace fused_rnn::cpu

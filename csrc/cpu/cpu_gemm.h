@@ -12,6 +12,8 @@
 #include <memory>
 #include <vector>
 
+#include "../rnn_layer.h"
+
 namespace fused_rnn::cpu {
 
 // C[m × n] (row stride ldc) = beta · C + A[m × k] (row stride lda) · op(B), where op(B) = Bᵀ for B
@@ -62,8 +64,14 @@ class StepRhs {
   int64_t n_, k_, ldb_, rows_;
   bool transpose_b_;
   scalar_t* packed_ = nullptr;  // MKL's packed format
-  float* panels_ = nullptr;     // panel_gemm's (float only)
+  at::Tensor panels_;           // panel_gemm's (float only)
 };
+
+// The CPU's SequenceGemm (rnn_layer.h): float32 on panel_gemm where it runs and the layouts allow
+// (b packed, in parallel over its panels, then the rows of out cut into blocks across torch's
+// intra-op threads); aten_gemm otherwise.
+void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                   const at::Tensor& bias);
 
 // How many column blocks a step GEMM of rows × n (inner size k) is cut into, to run on `threads` of
 // torch's intra-op threads: one per thread when the step is big enough to pay for synchronising
