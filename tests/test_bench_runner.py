@@ -1,0 +1,54 @@
+"""The benchmark runner (`make bench`) end to end on tiny shapes: its report folder and exit status."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, ROOT)
+from bench import run as bench_run  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_runner_writes_a_complete_report(device, tmp_path, capsys):
+    if device not in DEVICES:
+        pytest.skip("no CUDA device")
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        rc = bench_run.main(["--device", device, "--shapes", "4x2x8,3x1x20", "--layers", "1,2",
+                             "--bidirectional", "both", "--reps", "2", "--warmup", "1",
+                             "--out", str(tmp_path)])
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert rc == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    meta, rows, summary = report["meta"], report["rows"], report["summary"]
+    assert meta["device_type"] == device and meta["dtype"] == "float32"
+    assert meta["tf32"] is False and meta["versions"]["torch"] == torch.__version__
+    assert meta["date"][:4].isdigit()
+    # 2 shapes × 2 layer counts × 2 directions, each with both sides' times, speedups, error, memory.
+    assert len(rows) == 8 and summary["shapes"] == 8 and summary["wrong_results"] == 0
+    assert {(r["T"], r["B"], r["H"]) for r in rows} == {(4, 2, 8), (3, 1, 20)}
+    assert {(r["layers"], r["bidirectional"]) for r in rows} == {(1, False), (1, True),
+                                                                 (2, False), (2, True)}
+    for r in rows:
+        for key in ("forward_s", "forward_backward_s", "peak_memory_bytes"):
+            assert set(r[key]) == {"nn.RNN", "fused_rnn"} and all(v > 0 for v in r[key].values())
+        assert r["speedup_forward"] == pytest.approx(r["forward_s"]["nn.RNN"] /
+                                                     r["forward_s"]["fused_rnn"])
+        assert r["correct"] and r["max_abs_diff"] <= r["tolerance"]
+    if device == "cpu":
+        assert summary["gemm_gflops"] > 0
+    md = (tmp_path / "results.md").read_text()
+    assert all(r["shape"] in md for r in rows)
+    png = tmp_path / "speedup.png"
+    assert png.exists() and os.path.getsize(png) > 1000
+    assert "results.json" in capsys.readouterr().out
