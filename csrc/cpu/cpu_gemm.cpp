@@ -307,7 +307,18 @@ void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
     fused_rnn::aten_gemm(out, a, b, bias);
     return;
   }
+  TORCH_INTERNAL_ASSERT(a.size(1) == k && out.size(0) == m && out.size(1) == n &&
+                        (!bias.defined() || bias.numel() == n));
   if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum (and a, perhaps, no storage to point into)
+    at::Tensor o = out;
+    if (bias.defined()) {
+      o.copy_(bias.expand_as(out));
+    } else {
+      o.zero_();
+    }
+    return;
+  }
   const bool transpose = b.stride(1) != 1;
   const int64_t ldb = transpose ? b.stride(1) : b.stride(0);
   const float* src = b.data_ptr<float>();

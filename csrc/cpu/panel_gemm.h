@@ -7,8 +7,8 @@
 // kernel takes 4.9 ms (110 GFLOP/s); on whole-sequence shapes it is ahead too (2048 × 1024 · 1024 ×
 // 1024: 45.2 ms MKL, 38.9 ms here with the packing included).
 //
-// The kernel: C is cut into tiles of up to 8 rows × 32 columns (or 4 rows × 64), each summed in
-// registers over the whole inner dimension k, then added to C (or a bias) and stored once. The right
+// The kernel: C is cut into tiles of up to 8 rows × 32 columns (or, below 6 rows, × 64), each summed
+// in registers over the whole inner dimension k, then added to C (or a bias) and stored once. The right
 // side is packed first (once for all T steps, or once per whole-sequence product) into contiguous
 // panels of 16 columns (one vector) × k; the left side is read in place, one element at a time
 // (broadcast).
