@@ -1,5 +1,6 @@
 #include "cpu_gemm.h"
 
+#include "../rnn_layer.h"
 #include "panel_gemm.h"
 
 #include <ATen/ATen.h>
@@ -139,6 +140,28 @@ bool packing_available() {
 }
 }  // namespace
 
+namespace {
+
+// Products of about this many multiply-adds or more are cut across threads (the rows of a
+// whole-sequence product, the panels of a packing); the at::parallel_for grain.
+constexpr int64_t kMinThreadMacs = int64_t{1} << 17;
+
+// op(B) (pack_panels' arguments) packed for panel_gemm, in parallel over ranges of panels, into a
+// buffer from torch's allocator (so that its memory profilers count it).
+at::Tensor packed_panels(const float* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b) {
+  at::Tensor panels = at::empty({panel_floats(n, k)}, at::kFloat);
+  float* dst = panels.data_ptr<float>();
+  const int64_t grain =
+      std::max<int64_t>(1, kMinThreadMacs / std::max<int64_t>(1, kPanelWidth * k));
+  at::parallel_for(0, panel_count(n), grain, [&](int64_t p0, int64_t p1) {
+    const int64_t j0 = p0 * kPanelWidth, j1 = std::min(n, p1 * kPanelWidth);
+    pack_panels(transpose_b ? b + j0 * ldb : b + j0, j1 - j0, k, ldb, transpose_b, dst + j0 * k);
+  });
+  return panels;
+}
+
+}  // namespace
+
 bool float_step_packed(int64_t rows, int64_t n, int64_t k) {
   return fits_int(n) && fits_int(k) && fits_int(rows) && rows >= kMinPackedRows &&
          n * k >= kMinPackedElements && packing_available();
@@ -159,8 +182,7 @@ StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool 
                         int64_t rows)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {
   if (panel_gemm_available()) {
-    panels_ = at::empty({panel_floats(n, k)}, at::kFloat);  // from torch: its profilers count it
-    pack_panels(b, n, k, ldb, transpose_b, panels_.data_ptr<float>());
+    panels_ = packed_panels(b, n, k, ldb, transpose_b);
     return;
   }
   if (!fits_int(ldb) || !float_step_packed(rows, n, k)) return;
@@ -287,14 +309,6 @@ void SplitRhs<scalar_t>::run_steps(int64_t parts, int64_t steps,
 template class SplitRhs<float>;
 template class SplitRhs<double>;
 
-namespace {
-
-// Products of about this many multiply-adds or more are cut into row blocks across threads (and the
-// packing into panel ranges); the at::parallel_for grain.
-constexpr int64_t kMinThreadMacs = int64_t{1} << 17;
-
-}  // namespace
-
 void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                    const at::Tensor& bias) {
   const int64_t m = a.size(0), k = b.size(0), n = b.size(1);
@@ -320,27 +334,20 @@ void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
     return;
   }
   const bool transpose = b.stride(1) != 1;
-  const int64_t ldb = transpose ? b.stride(1) : b.stride(0);
-  const float* src = b.data_ptr<float>();
-  // From torch's allocator, so that its memory profilers count it.
-  const at::Tensor panels = at::empty({panel_floats(n, k)}, at::kFloat);
-  float* dst = panels.data_ptr<float>();
-  const int64_t count = (n + kPanelWidth - 1) / kPanelWidth;
-  const int64_t pack_grain = std::max<int64_t>(1, kMinThreadMacs / std::max<int64_t>(1, 16 * k));
-  at::parallel_for(0, count, pack_grain, [&](int64_t p0, int64_t p1) {
-    const int64_t j0 = p0 * kPanelWidth, j1 = std::min(n, p1 * kPanelWidth);
-    pack_panels(transpose ? src + j0 * ldb : src + j0, j1 - j0, k, ldb, transpose, dst + j0 * k);
-  });
+  const at::Tensor panels = packed_panels(b.data_ptr<float>(), n, k,
+                                          transpose ? b.stride(1) : b.stride(0), transpose);
+  const float* packed = panels.data_ptr<float>();
   const at::Tensor bias_c = bias.defined() ? bias.contiguous() : at::Tensor();
   const float* bias_p = bias.defined() ? bias_c.data_ptr<float>() : nullptr;
   const float* a_p = a.data_ptr<float>();
   float* c_p = out.data_ptr<float>();
   const int64_t lda = a.stride(0), ldc = out.stride(0);
-  const int64_t blocks = (m + 7) / 8;  // of 8 rows, the kernel's tile height
-  const int64_t grain = std::max<int64_t>(1, kMinThreadMacs / std::max<int64_t>(1, 8 * n * k));
+  const int64_t blocks = (m + kTileRows - 1) / kTileRows;
+  const int64_t grain =
+      std::max<int64_t>(1, kMinThreadMacs / std::max<int64_t>(1, kTileRows * n * k));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * 8, r1 = std::min(m, b1 * 8);
-    panel_gemm(r1 - r0, n, k, a_p + r0 * lda, lda, dst, 0.f, bias_p, c_p + r0 * ldc, ldc);
+    const int64_t r0 = b0 * kTileRows, r1 = std::min(m, b1 * kTileRows);
+    panel_gemm(r1 - r0, n, k, a_p + r0 * lda, lda, packed, 0.f, bias_p, c_p + r0 * ldc, ldc);
   });
 }
 

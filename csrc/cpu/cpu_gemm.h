@@ -12,7 +12,7 @@
 #include <memory>
 #include <vector>
 
-#include "../rnn_layer.h"
+#include <ATen/core/Tensor.h>
 
 namespace fused_rnn::cpu {
 
@@ -29,7 +29,7 @@ const char* gemm_path();
 // The right-hand side of a step GEMM that every step reuses (W_hhᵀ forward, W_hh in BPTT), packed
 // once, so that the T steps do not each re-pack it: float32 into panel_gemm's panels where that
 // kernel runs (panel_gemm.h), else into BLAS's internal format when the BLAS offers that (MKL's
-// sgemm_pack/compute, float only). multiply() is gemm_rowmajor with this B; row
+// sgemm_pack/compute, float only). multiply() is gemm_rowmajor with this B; with MKL's packing, row
 // counts other than the one packed for (the ends of packed sequences) take the plain path.
 //
 // Below kMinPackedRows rows the packed kernel loses to the plain one (a GEMV-like product: measured
@@ -75,8 +75,9 @@ void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
 
 // How many column blocks a step GEMM of rows × n (inner size k) is cut into, to run on `threads` of
 // torch's intra-op threads: one per thread when the step is big enough to pay for synchronising
-// the threads at every step, else 1. Each block then is a single-threaded GEMM on its own slice of W_hh, which stays in
-// that core's cache for all T steps; MKL threading one small GEMM itself was slower than one
+// the threads at every step, else 1. Each block then is a single-threaded GEMM on its own slice of
+// W_hh, which stays in that core's cache for all T steps; MKL threading one small GEMM itself was
+// slower than one
 // thread (2 EPYC cores, torch 2.14.1: 64 steps of 8 × 512 · 512 × 512, 7.2 ms on 2 threads,
 // 4.5 ms on 1, 2.2 ms for half the columns on 1). FUSED_RNN_CPU_PARTS=n forces n (tests).
 int64_t step_parts(int64_t rows, int64_t n, int64_t k, int64_t threads);

@@ -25,11 +25,11 @@ bool panel_gemm_available() {
 }
 
 int64_t panel_floats(int64_t n, int64_t k) {
-  return (n + kPanelWidth - 1) / kPanelWidth * kPanelWidth * k;
+  return panel_count(n) * kPanelWidth * k;
 }
 
 void pack_panels(const float* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b, float* dst) {
-  const int64_t count = (n + kPanelWidth - 1) / kPanelWidth;
+  const int64_t count = panel_count(n);
   for (int64_t p = 0; p < count; ++p) {
     const int64_t j0 = p * kPanelWidth, width = std::min(kPanelWidth, n - j0);
     float* panel = dst + p * k * kPanelWidth;
@@ -104,7 +104,7 @@ FUSED_RNN_AVX512 inline void tile(int64_t k, const float* a, int64_t lda, const 
 template <int MR, int NV>
 FUSED_RNN_AVX512 void row_block(int64_t n, int64_t k, const float* a, int64_t lda,
                                 const float* panels, Addend add, float* c, int64_t ldc) {
-  const int64_t count = (n + kPanelWidth - 1) / kPanelWidth;
+  const int64_t count = panel_count(n);
   const int64_t tail = n % kPanelWidth;
   const __mmask16 tail_mask = tail == 0 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
   for (int64_t p = 0; p < count; p += NV) {
@@ -143,7 +143,9 @@ void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, co
   if (m <= 0 || n <= 0) return;
   const Addend add{beta, bias};
   int64_t i = 0;
-  for (; i + 8 <= m; i += 8) rows<8>(n, k, a + i * lda, lda, panels, add, c + i * ldc, ldc);
+  for (; i + kTileRows <= m; i += kTileRows) {
+    rows<kTileRows>(n, k, a + i * lda, lda, panels, add, c + i * ldc, ldc);
+  }
   const float* ar = a + i * lda;
   float* cr = c + i * ldc;
   switch (m - i) {

@@ -19,6 +19,11 @@
 namespace fused_rnn::cpu {
 
 constexpr int64_t kPanelWidth = 16;
+// Rows of the kernel's tallest tile: callers splitting C across threads cut it in multiples of this.
+constexpr int64_t kTileRows = 8;
+
+// Panels that n columns take (the last one partial when n is not a multiple of 16).
+inline int64_t panel_count(int64_t n) { return (n + kPanelWidth - 1) / kPanelWidth; }
 
 // Whether this process runs the panel kernel: an x86-64 GCC/Clang build on a CPU with AVX-512F, and
 // FUSED_RNN_CPU_GEMM not set to another path ("blas", "aten"; tests use those to cover them).
