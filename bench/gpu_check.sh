@@ -1,72 +1,154 @@
 #!/usr/bin/env bash
-# The one-command GPU check, for a machine with a GPU and no network, using its own torch:
-#   build (--no-build-isolation) → all tests (CUDA included) → compute-sanitizer (memcheck, racecheck,
-#   synccheck) on a small case of each CUDA path → benchmark against cuDNN (float32 with TF32 off,
-#   and bfloat16) → a report.
-# Usage: bash bench/gpu_check.sh [report-folder]   (default: $OUT if set, else bench/out/gpu-check)
-# The report folder gets at most 8 files: summary.md, logs.txt, and results .json/.md/.png per dtype.
-# Copy it under bench/results/ to commit it.
+# The GPU check, for a machine with a GPU and no network, using its own torch. Stages, in order:
+#   build       pip install --no-build-isolation -e . (incremental: ninja keeps build/)
+#   smoke       every CUDA path on a small packed/padded, tanh/relu, 2-layer bidirectional case,
+#               forward + backward against float64 nn.RNN (bench/sanitize_case.py): runs, ends, agrees
+#   tests-cuda  the CUDA tests (pytest -k cuda)
+#   sanitizer   compute-sanitizer memcheck, racecheck, synccheck over the smoke case (all paths)
+#   bench       against cuDNN: float32 (TF32 off on both sides) and bfloat16, B ∈ {1, 8, 64, 256} ×
+#               H ∈ {256, 512, 1024, 2048}, T = 512, one layer
+#   tests       the whole test suite (CPU tests included)
+#
+# Usage: bash bench/gpu_check.sh [--stages a,b,...] [--deadline SECONDS] [report-folder]
+#   --stages    which stages to run (default: all, in the order above)
+#   --deadline  stop starting stages, and cut the running one, this many seconds after the start
+#               (default 560: a device command may run 10 minutes). A stage cut short is reported as
+#               such, and the summary is still written.
+#   report-folder  default: $OUT if set, else bench/out/gpu-check.
+# State (each stage's last result, the logs, the bench reports) is kept in $GPU_CHECK_STATE (default
+# bench/out/gpu-check-state) across calls on the same machine, so the check can be spread over several commands, e.g.
+#   bash bench/gpu_check.sh --stages build,smoke,tests-cuda,sanitizer
+#   bash bench/gpu_check.sh --stages build,bench,tests
+# and every call's report folder gets the summary of all stages run so far: summary.md, logs.txt and
+# <dtype>-results.{json,md,png} (8 files at most). Copy it under bench/results/ to commit it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-REPORT=${1:-${OUT:-bench/out/gpu-check}}
-mkdir -p "$REPORT"
+ALL_STAGES="build smoke tests-cuda sanitizer bench tests"
+# The rows of the summary: the sanitizer and bench stages report each tool and dtype.
+ROWS="build smoke tests-cuda sanitizer-memcheck sanitizer-racecheck sanitizer-synccheck bench-float32 bench-bfloat16 tests"
+STAGES_ARG=all
+DEADLINE=560
+REPORT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stages) STAGES_ARG=${2:?--stages needs a list}; shift 2 ;;
+    --deadline) DEADLINE=${2:?--deadline needs seconds}; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
+    *) REPORT=$1; shift ;;
+  esac
+done
+if [ "$STAGES_ARG" = all ]; then RUN_STAGES=$ALL_STAGES; else RUN_STAGES=${STAGES_ARG//,/ }; fi
+for s in $RUN_STAGES; do
+  case " $ALL_STAGES " in *" $s "*) ;; *) echo "gpu_check: unknown stage '$s' (stages: $ALL_STAGES)" >&2; exit 2 ;; esac
+done
+REPORT=${REPORT:-${OUT:-bench/out/gpu-check}}
+STATE=${GPU_CHECK_STATE:-bench/out/gpu-check-state}
+mkdir -p "$REPORT" "$STATE"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-LOG="$REPORT/logs.txt"
-: > "$LOG"
-declare -A STATUS
-stage() {  # stage NAME COMMAND...: run, log, record pass/fail
+LOG="$STATE/logs.txt"
+STATUS="$STATE/status.tsv"  # stage <tab> result <tab> seconds <tab> date, one line per run
+touch "$STATUS"
+
+remaining() { echo $((DEADLINE - SECONDS)); }
+
+stage() {  # stage NAME COMMAND...: run under the deadline, log, record the result
   local name=$1; shift
+  local left; left=$(remaining)
+  local result t0=$SECONDS
   echo "== $name: $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  if "$@" >> "$LOG" 2>&1; then STATUS[$name]="pass"; else STATUS[$name]="FAIL (rc=$?)"; fi
-  echo "== $name: ${STATUS[$name]} in $((SECONDS - t0)) s" | tee -a "$LOG"
+  if [ "$left" -lt 20 ]; then
+    result="not run (deadline)"
+  else
+    timeout --kill-after=10 "$left" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    if [ $rc -eq 0 ]; then result=pass
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then result="FAIL (cut at the deadline after $((SECONDS - t0)) s)"
+    else result="FAIL (rc=$rc)"; fi
+  fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$result" "$((SECONDS - t0))" "$(date -u +%H:%M:%SZ)" >> "$STATUS"
+  echo "== $name: $result in $((SECONDS - t0)) s" | tee -a "$LOG"
+  [ "$result" = pass ]
 }
 
+# pytest with a per-test limit where pytest-timeout is installed: a hung kernel ends the run with a
+# stack dump instead of eating the deadline.
+PYTEST_TIMEOUT=()
+if $PY -c "import pytest_timeout" 2>/dev/null; then
+  PYTEST_TIMEOUT=(-p pytest_timeout --timeout=300 --timeout-method=thread)
+fi
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "== call at $(date -u +%Y-%m-%dT%H:%M:%SZ): stages $RUN_STAGES"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   nvcc --version | tail -n 2 || true
   $PY -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-} > "$REPORT/env.txt" 2>&1
-cat "$REPORT/env.txt" >> "$LOG"
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+} > "$STATE/env.txt" 2>&1
+cat "$STATE/env.txt" >> "$LOG"
 
-stage build "$PY" -m pip install --no-build-isolation --no-deps -v -e .
-stage tests "$PY" -m pytest -q -p no:cacheprovider tests
-SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-PATHS="persistent per_step per_step_cublas"
-STAGES="build tests"
-for tool in memcheck racecheck synccheck; do
-  for path in $PATHS; do
-    STAGES="$STAGES sanitizer-$tool-$path"
-    stage "sanitizer-$tool-$path" "$SAN" --tool "$tool" --error-exitcode 3 "$PY" bench/sanitize_case.py --path "$path"
-  done
-done
-TMP=$(mktemp -d)
-for dtype in float32 bfloat16; do
-  STAGES="$STAGES bench-$dtype"
-  stage "bench-$dtype" "$PY" -m bench.run --device cuda --dtype "$dtype" --layers 1 --bidirectional no --out "$TMP/$dtype"
-  for f in results.json results.md speedup.png; do
-    [ -f "$TMP/$dtype/$f" ] && cp "$TMP/$dtype/$f" "$REPORT/$dtype-$f"
-  done
-done
+write_summary() {
+  {
+    echo "# fused_rnn GPU check"
+    echo
+    echo '```'
+    cat "$STATE/env.txt"
+    echo '```'
+    echo
+    echo "Each stage's latest result on this machine (all calls):"
+    echo
+    echo "| stage | result | seconds | finished (UTC) |"
+    echo "|---|---|---|---|"
+    for k in $ROWS; do
+      local line; line=$(awk -F'\t' -v k="$k" '$1 == k {l = $0} END {print l}' "$STATUS")
+      if [ -n "$line" ]; then
+        echo "$line" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
+      else
+        echo "| $k | not run | | |"
+      fi
+    done
+    for dtype in float32 bfloat16; do
+      if [ -f "$STATE/$dtype-results.md" ]; then echo; cat "$STATE/$dtype-results.md"; fi
+    done
+  } > "$STATE/summary.md"
+  if [ "$(cd "$REPORT" && pwd)" != "$(cd "$STATE" && pwd)" ]; then
+    cp "$STATE/summary.md" "$LOG" "$REPORT/"
+    for f in "$STATE"/*-results.*; do [ -f "$f" ] && cp "$f" "$REPORT/"; done
+  fi
+}
 
-{
-  echo "# fused_rnn GPU check"
-  echo
-  echo '```'
-  cat "$REPORT/env.txt"
-  echo '```'
-  echo
-  echo "| stage | result |"
-  echo "|---|---|"
-  for k in $STAGES; do
-    echo "| $k | ${STATUS[$k]:-not run} |"
-  done
-  for dtype in float32 bfloat16; do
-    if [ -f "$REPORT/$dtype-results.md" ]; then echo; cat "$REPORT/$dtype-results.md"; fi
-  done
-} > "$REPORT/summary.md"
-rm -f "$REPORT/env.txt"
-cat "$REPORT/summary.md"
-for k in "${!STATUS[@]}"; do [[ ${STATUS[$k]} == pass ]] || exit 1; done
+FAILED=0
+for s in $RUN_STAGES; do
+  case $s in
+    build) stage build "$PY" -m pip install --no-build-isolation --no-deps -v -e . ;;
+    smoke) stage smoke "$PY" bench/sanitize_case.py --path all ;;
+    tests-cuda) stage tests-cuda env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -rfE "${PYTEST_TIMEOUT[@]}" -k cuda tests ;;
+    sanitizer)
+      # Without torch's caching allocator, so that every tensor is its own allocation and an access
+      # past one is not hidden inside a cached segment.
+      ok=1
+      for tool in memcheck racecheck synccheck; do
+        stage "sanitizer-$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
+          --error-exitcode 3 "$PY" bench/sanitize_case.py --path all || ok=0
+      done
+      [ $ok = 1 ] ;;
+    bench)
+      ok=1
+      for dtype in float32 bfloat16; do
+        rm -rf "$STATE/bench-$dtype" "$STATE/$dtype"-results.*
+        stage "bench-$dtype" "$PY" -m bench.run --device cuda --dtype "$dtype" --layers 1 --bidirectional no --out "$STATE/bench-$dtype" || ok=0
+        for f in results.json results.md speedup.png; do
+          [ -f "$STATE/bench-$dtype/$f" ] && cp "$STATE/bench-$dtype/$f" "$STATE/$dtype-$f"
+        done
+      done
+      [ $ok = 1 ] ;;
+    tests) stage tests env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -rfE "${PYTEST_TIMEOUT[@]}" tests ;;
+  esac
+  [ $? -eq 0 ] || FAILED=1
+  write_summary
+done
+write_summary
+cat "$STATE/summary.md"
+exit $FAILED

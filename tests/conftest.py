@@ -21,6 +21,13 @@ if HAS_CUDA:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# The GPU check sets this: there, a missing device or missing CUDA kernels must fail the run rather
+# than skip every CUDA test (or test the pure-PyTorch fallback) and read as a pass.
+if os.environ.get("FUSED_RNN_REQUIRE_CUDA") == "1":
+    if not HAS_CUDA:
+        raise RuntimeError("FUSED_RNN_REQUIRE_CUDA=1, but torch sees no CUDA device")
+    if fused_rnn.backend("cuda") != "fused":
+        raise RuntimeError("FUSED_RNN_REQUIRE_CUDA=1, but the extension has no CUDA kernels")
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

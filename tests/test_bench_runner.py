@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import os
 import sys
 
@@ -52,3 +53,32 @@ def test_runner_writes_a_complete_report(device, tmp_path, capsys):
     png = tmp_path / "speedup.png"
     assert png.exists() and os.path.getsize(png) > 1000
     assert "results.json" in capsys.readouterr().out
+
+
+def _run(args, **kwargs):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def test_gpu_smoke_case_checks_every_path():
+    """The GPU check's smoke/sanitizer program, run on the CPU (where the paths are the CPU kernels):
+    it compares output, h_n and every gradient with float64 nn.RNN and says so per case."""
+    res = _run([sys.executable, "bench/sanitize_case.py", "--path", "all", "--device", "cpu"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 12 and all(" ok in " in line for line in lines), res.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU outcome")
+def test_gpu_check_fails_loudly_without_a_gpu(tmp_path):
+    """Without a GPU the check must fail (not skip every CUDA test and pass), say so in its summary,
+    and reject stages it does not know."""
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STATE=str(tmp_path / "state"))
+    bad = _run(["bash", "bench/gpu_check.sh", "--stages", "smoke,nope", str(tmp_path / "r")], env=env)
+    assert bad.returncode == 2 and "unknown stage 'nope'" in bad.stderr
+    res = _run(["bash", "bench/gpu_check.sh", "--stages", "smoke,tests-cuda", "--deadline", "300",
+                str(tmp_path / "report")], env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "| smoke | FAIL (rc=1) |" in summary and "| tests-cuda | FAIL (rc=" in summary
+    assert "| bench-float32 | not run |" in summary
+    assert "no CUDA device" in (tmp_path / "report" / "logs.txt").read_text()
