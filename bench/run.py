@@ -24,6 +24,7 @@ from typing import Dict, List
 
 import torch
 
+from fused_rnn import _ops
 from bench.common import (Shape, default_tolerance, device_name, forward_backward_fn, forward_fn,
                           gemm_gflops, interleaved_medians, make_input, make_models, max_abs_diff,
                           peak_memory_bytes, progress, versions)
@@ -60,6 +61,8 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
                                              reps, warmup)
     fb_ref_fn, fb_fused_fn = forward_backward_fn(ref, x), forward_backward_fn(fused, x)
     fb_ref, fb_fused = interleaved_medians([fb_ref_fn, fb_fused_fn], device, reps, warmup)
+    # The CUDA path of the latest (forward+backward) run of ours, after any fallback.
+    paths = _ops.last_cuda_paths() if device.startswith("cuda") else None
     mem_ref = peak_memory_bytes(fb_ref_fn, device)
     mem_fused = peak_memory_bytes(fb_fused_fn, device)
     tol = default_tolerance(dtype)
@@ -73,6 +76,7 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
         "fused_forward_gflops": shape.forward_flops() / fwd_fused / 1e9,
         "peak_memory_bytes": {"nn.RNN": mem_ref, "fused_rnn": mem_fused},
         "max_abs_diff": diff, "tolerance": tol, "correct": bool(diff <= tol),
+        **({"cuda_path": paths} if paths else {}),
     }
 
 
@@ -96,6 +100,7 @@ def summarize(rows: List[Dict], gemm: float, device: str) -> Dict:
 
 def markdown(report: Dict) -> str:
     m = report["meta"]
+    cuda = m["device_type"] == "cuda"
     lines = [f"# fused_rnn vs nn.RNN — {m['device']} — {m['date']}", "",
              f"dtype {m['dtype']}, torch {m['versions']['torch']}"
              + (f", CUDA {m['versions']['cuda']}, cuDNN {m['versions'].get('cudnn')}"
@@ -104,16 +109,19 @@ def markdown(report: Dict) -> str:
                 if m["device_type"] == "cuda" else "")
              + f", medians of {m['reps']} interleaved runs after {m['warmup']} warm-up.", "",
              "| shape | fwd nn.RNN ms | fwd fused ms | fwd × | fwd+bwd nn.RNN ms | "
-             "fwd+bwd fused ms | fwd+bwd × | peak MiB nn.RNN / fused | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd fused ms | fwd+bwd × | peak MiB nn.RNN / fused | max abs diff |"
+             + (" CUDA path fwd / bwd |" if cuda else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     for r in report["rows"]:
         f, fb, mem = r["forward_s"], r["forward_backward_s"], r["peak_memory_bytes"]
+        path = r.get("cuda_path", {})
         lines.append(
             f"| {r['shape']} | {f['nn.RNN'] * 1e3:.3f} | {f['fused_rnn'] * 1e3:.3f} | "
             f"{r['speedup_forward']:.2f} | {fb['nn.RNN'] * 1e3:.3f} | {fb['fused_rnn'] * 1e3:.3f} | "
             f"{r['speedup_forward_backward']:.2f} | {mem['nn.RNN'] / 2**20:.1f} / "
             f"{mem['fused_rnn'] / 2**20:.1f} | {r['max_abs_diff']:.1e}"
-            f"{'' if r['correct'] else ' **FAIL**'} |")
+            f"{'' if r['correct'] else ' **FAIL**'} |"
+            + (f" {path.get('forward', '?')} / {path.get('backward', '?')} |" if cuda else ""))
     s = report["summary"]
     lines += ["", f"Speedup forward: median {s['speedup_forward']['median']:.2f}×, min "
               f"{s['speedup_forward']['min']:.2f}×, max {s['speedup_forward']['max']:.2f}×.",

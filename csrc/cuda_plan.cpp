@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 
 namespace fused_rnn::cuda_plan {
@@ -81,6 +82,19 @@ Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem
     return Path::kPersistent;
   }
   return per_step_path(hidden, batch, elem_bytes);
+}
+
+namespace {
+std::atomic<int> last_paths[2] = {-1, -1};  // forward, backward: a Path, or -1
+}  // namespace
+
+void record_path(bool backward, Path path) {
+  last_paths[backward ? 1 : 0].store(static_cast<int>(path), std::memory_order_relaxed);
+}
+
+std::string last_path(bool backward) {
+  const int v = last_paths[backward ? 1 : 0].load(std::memory_order_relaxed);
+  return v < 0 ? std::string() : std::string(path_name(static_cast<Path>(v)));
 }
 
 namespace {

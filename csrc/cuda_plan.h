@@ -96,6 +96,11 @@ inline int64_t epilogue_grid_x(int64_t hidden) {
 }
 inline int64_t epilogue_grid_y(int64_t rows) { return rows < kMaxGridY ? rows : kMaxGridY; }
 
+// The path the latest CUDA recurrence of each kind (forward, backward) ran on, after any fallback:
+// the CUDA host code records it, benchmarks and tests read it. Empty until one has run.
+void record_path(bool backward, Path path);
+std::string last_path(bool backward);
+
 // The process-wide path override ("auto", "persistent", "per_step", "per_step_cublas"), for tests
 // and benchmarks.
 void set_forced_path(const std::string& path);

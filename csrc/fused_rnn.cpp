@@ -105,12 +105,19 @@ PyObject* get_cuda_path(PyObject*, PyObject*) {
   return PyUnicode_FromString(fused_rnn::cuda_plan::forced_path().c_str());
 }
 
+PyObject* last_cuda_paths(PyObject*, PyObject*) {
+  return Py_BuildValue("(ss)", fused_rnn::cuda_plan::last_path(false).c_str(),
+                       fused_rnn::cuda_plan::last_path(true).c_str());
+}
+
 PyMethodDef methods[] = {
     {"plan_cuda_path", plan_cuda_path, METH_VARARGS,
      "The CUDA path heuristic for given sizes and device limits (no GPU needed)."},
     {"set_cuda_path", set_cuda_path, METH_VARARGS,
      "Force the CUDA recurrence path: 'auto', 'persistent', 'per_step' or 'per_step_cublas'."},
     {"get_cuda_path", get_cuda_path, METH_NOARGS, "The forced CUDA path ('auto' unless set)."},
+    {"last_cuda_paths", last_cuda_paths, METH_NOARGS,
+     "(forward, backward): the paths the latest CUDA recurrences ran on ('' before any)."},
     {"cpu_gemm_path", cpu_gemm_path, METH_NOARGS,
      "Which general GEMM the CPU kernels call on raw pointers: 'blas' (direct) or 'aten'."},
     {"cpu_step_parts", cpu_step_parts, METH_VARARGS,

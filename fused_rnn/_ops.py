@@ -128,6 +128,15 @@ def get_cuda_path() -> str:
     return _C.get_cuda_path() if _C is not None else "auto"
 
 
+def last_cuda_paths() -> dict:
+    """The paths the latest CUDA recurrences ran on, after any fallback: {"forward": ...,
+    "backward": ...}, each "" until one has run (benchmarks and tests read it)."""
+    if _C is None:
+        return {"forward": "", "backward": ""}
+    forward, backward = _C.last_cuda_paths()
+    return {"forward": forward, "backward": backward}
+
+
 @contextlib.contextmanager
 def cuda_path(path: str) -> Iterator[None]:
     """Context manager form of set_cuda_path, restoring the previous setting."""

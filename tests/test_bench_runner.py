@@ -48,8 +48,12 @@ def test_runner_writes_a_complete_report(device, tmp_path, capsys):
         assert r["correct"] and r["max_abs_diff"] <= r["tolerance"]
     if device == "cpu":
         assert summary["gemm_gflops"] > 0
+    else:  # the CUDA path each shape ran on, in the JSON and the table
+        paths = {"persistent", "per_step", "per_step_cublas"}
+        assert all(set(r["cuda_path"].values()) <= paths for r in rows)
     md = (tmp_path / "results.md").read_text()
     assert all(r["shape"] in md for r in rows)
+    assert ("CUDA path fwd / bwd" in md) == (device == "cuda")
     png = tmp_path / "speedup.png"
     assert png.exists() and os.path.getsize(png) > 1000
     assert "results.json" in capsys.readouterr().out

@@ -49,6 +49,7 @@ def test_parity_every_path(path, case, dtype):
     h0 = torch.randn(*shape, dtype=dtype, generator=gen).cuda().requires_grad_()
     o_ref, h_ref, g_ref = run_and_grad(ref, x, leaves, h0)
     o, h, g = run_and_grad(fused, x, leaves, h0)
+    assert _ops.last_cuda_paths() == {"forward": path, "backward": path}  # no silent fallback
     assert_close(o, o_ref, dtype, "output")
     assert_close(h, h_ref, dtype, "h_n")
     for i, (a, b) in enumerate(zip(g, g_ref)):

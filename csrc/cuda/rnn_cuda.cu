@@ -259,6 +259,7 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
       }
     }
     if (launch_persistent<T, kBackward>(a, cfg, device, dev.sm_count, main_stream.stream())) {
+      cuda_plan::record_path(kBackward, path);
       return;
     }
     TORCH_CHECK(forced != "persistent",
@@ -267,6 +268,7 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
     path = cuda_plan::per_step_path(H, s.schedule.batch, sizeof(T));
   }
 
+  cuda_plan::record_path(kBackward, path);
   // Per-step: direction 0 on the current stream, direction 1 on a pool stream, joined at the end.
   const bool use_blas = path == cuda_plan::Path::kPerStepCublas;
   at::Tensor ws;  // per direction: the GEMM term of a step (B × H, accumulation type)
