@@ -7,7 +7,7 @@
 #   sanitizer   compute-sanitizer memcheck, racecheck, synccheck over the smoke case (all paths)
 #   bench       against cuDNN: float32 (TF32 off on both sides) and bfloat16, B ∈ {1, 8, 64, 256} ×
 #               H ∈ {256, 512, 1024, 2048}, T = 512, one layer
-#   tests       the whole test suite (CPU tests included)
+#   tests       the rest of the test suite (CPU tests, under this machine's torch; not the slow ones)
 #
 # Usage: bash bench/gpu_check.sh [--stages a,b,...] [--deadline SECONDS] [report-folder]
 #   --stages    which stages to run (default: all, in the order above)
@@ -74,9 +74,10 @@ stage() {  # stage NAME COMMAND...: run under the deadline, log, record the resu
 
 # pytest with a per-test limit where pytest-timeout is installed: a hung kernel ends the run with a
 # stack dump instead of eating the deadline.
+# (pytest loads the plugin itself, as "timeout": naming it again with -p stops pytest at start.)
 PYTEST_TIMEOUT=()
 if $PY -c "import pytest_timeout" 2>/dev/null; then
-  PYTEST_TIMEOUT=(-p pytest_timeout --timeout=300 --timeout-method=thread)
+  PYTEST_TIMEOUT=(--timeout=300 --timeout-method=thread)
 fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 
@@ -144,7 +145,7 @@ for s in $RUN_STAGES; do
         done
       done
       [ $ok = 1 ] ;;
-    tests) stage tests env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -rfE "${PYTEST_TIMEOUT[@]}" tests ;;
+    tests) stage tests env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -rfE "${PYTEST_TIMEOUT[@]}" -m "not slow" -k "not cuda" tests ;;
   esac
   [ $? -eq 0 ] || FAILED=1
   write_summary
