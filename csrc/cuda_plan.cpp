@@ -86,10 +86,17 @@ Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem
 
 namespace {
 std::atomic<int> last_paths[2] = {-1, -1};  // forward, backward: a Path, or -1
+std::atomic<int64_t> last_rows[2] = {0, 0};
 }  // namespace
 
-void record_path(bool backward, Path path) {
+void record_path(bool backward, Path path, int64_t rows_per_block) {
   last_paths[backward ? 1 : 0].store(static_cast<int>(path), std::memory_order_relaxed);
+  last_rows[backward ? 1 : 0].store(path == Path::kPersistent ? rows_per_block : 0,
+                                    std::memory_order_relaxed);
+}
+
+int64_t last_rows_per_block(bool backward) {
+  return last_rows[backward ? 1 : 0].load(std::memory_order_relaxed);
 }
 
 std::string last_path(bool backward) {

@@ -96,10 +96,12 @@ inline int64_t epilogue_grid_x(int64_t hidden) {
 }
 inline int64_t epilogue_grid_y(int64_t rows) { return rows < kMaxGridY ? rows : kMaxGridY; }
 
-// The path the latest CUDA recurrence of each kind (forward, backward) ran on, after any fallback:
-// the CUDA host code records it, benchmarks and tests read it. Empty until one has run.
-void record_path(bool backward, Path path);
+// The path the latest CUDA recurrence of each kind (forward, backward) ran on, after any fallback,
+// and the persistent kernel's rows per block (0 on the per-step paths): the CUDA host code records
+// them, benchmarks and tests read them. Empty / 0 until one has run.
+void record_path(bool backward, Path path, int64_t rows_per_block);
 std::string last_path(bool backward);
+int64_t last_rows_per_block(bool backward);
 
 // The process-wide path override ("auto", "persistent", "per_step", "per_step_cublas"), for tests
 // and benchmarks.

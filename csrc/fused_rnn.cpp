@@ -7,6 +7,9 @@
 
 #include "cpu/cpu_gemm.h"
 #include "cuda_plan.h"
+#ifdef FUSED_RNN_WITH_CUDA
+#include "cuda/device_plan.h"
+#endif
 
 // The schemas are also written in fused_rnn/_ops.py (the pure-PyTorch fallback defines the same ops
 // when this extension is missing); a test checks the two agree.
@@ -57,6 +60,15 @@ PyObject* has_cuda_kernels(PyObject*, PyObject*) {
 #endif
 }
 
+// (path, rows_per_block, blocks_per_direction, threads, smem_bytes)
+PyObject* config_tuple(fused_rnn::cuda_plan::Path path,
+                       const fused_rnn::cuda_plan::PersistentConfig& cfg) {
+  return Py_BuildValue("(sLLLL)", fused_rnn::cuda_plan::path_name(path),
+                       static_cast<long long>(cfg.rows_per_block),
+                       static_cast<long long>(cfg.blocks_per_direction),
+                       static_cast<long long>(cfg.threads), static_cast<long long>(cfg.smem_bytes));
+}
+
 // plan_cuda_path(hidden, batch, directions, elem_bytes, sm_count, smem_per_sm,
 //                smem_per_block_optin, max_threads_per_sm, regs_per_sm,
 //                regs_rows8, regs_rows16, regs_rows32, forced)
@@ -78,11 +90,7 @@ PyObject* plan_cuda_path(PyObject*, PyObject* args) {
     fused_rnn::cuda_plan::PersistentConfig cfg;
     const auto path = fused_rnn::cuda_plan::choose_path(hidden, batch, directions, elem_bytes, dev,
                                                         regs, forced, &cfg);
-    const char* name = fused_rnn::cuda_plan::path_name(path);
-    return Py_BuildValue("(sLLLL)", name, static_cast<long long>(cfg.rows_per_block),
-                         static_cast<long long>(cfg.blocks_per_direction),
-                         static_cast<long long>(cfg.threads),
-                         static_cast<long long>(cfg.smem_bytes));
+    return config_tuple(path, cfg);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
@@ -106,8 +114,47 @@ PyObject* get_cuda_path(PyObject*, PyObject*) {
 }
 
 PyObject* last_cuda_paths(PyObject*, PyObject*) {
-  return Py_BuildValue("(ss)", fused_rnn::cuda_plan::last_path(false).c_str(),
-                       fused_rnn::cuda_plan::last_path(true).c_str());
+  using fused_rnn::cuda_plan::last_path;
+  using fused_rnn::cuda_plan::last_rows_per_block;
+  return Py_BuildValue("(ssLL)", last_path(false).c_str(), last_path(true).c_str(),
+                       static_cast<long long>(last_rows_per_block(false)),
+                       static_cast<long long>(last_rows_per_block(true)));
+}
+
+// device_cuda_plan(hidden, batch, directions, dtype, backward, device, forced)
+//   -> (path, rows_per_block, blocks_per_direction, threads, smem_bytes); dtype: "float32", ...
+PyObject* device_cuda_plan(PyObject*, PyObject* args) {
+  long long hidden, batch, directions;
+  const char* dtype;
+  int backward, device;
+  const char* forced = "auto";
+  if (!PyArg_ParseTuple(args, "LLLspi|s", &hidden, &batch, &directions, &dtype, &backward,
+                        &device, &forced)) {
+    return nullptr;
+  }
+#ifdef FUSED_RNN_WITH_CUDA
+  const std::string name = dtype;
+  const c10::ScalarType type = name == "float64"   ? c10::kDouble
+                               : name == "float16"  ? c10::kHalf
+                               : name == "bfloat16" ? c10::kBFloat16
+                                                    : c10::kFloat;
+  if (name != "float32" && type == c10::kFloat) {
+    PyErr_SetString(PyExc_ValueError, "dtype must be float32, float64, float16 or bfloat16");
+    return nullptr;
+  }
+  try {
+    fused_rnn::cuda_plan::PersistentConfig cfg;
+    const auto path = fused_rnn::cuda::device_plan(hidden, batch, directions, type, backward != 0,
+                                                   device, forced, &cfg);
+    return config_tuple(path, cfg);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+#else
+  PyErr_SetString(PyExc_RuntimeError, "fused_rnn: this build has no CUDA kernels");
+  return nullptr;
+#endif
 }
 
 PyMethodDef methods[] = {
@@ -117,7 +164,11 @@ PyMethodDef methods[] = {
      "Force the CUDA recurrence path: 'auto', 'persistent', 'per_step' or 'per_step_cublas'."},
     {"get_cuda_path", get_cuda_path, METH_NOARGS, "The forced CUDA path ('auto' unless set)."},
     {"last_cuda_paths", last_cuda_paths, METH_NOARGS,
-     "(forward, backward): the paths the latest CUDA recurrences ran on ('' before any)."},
+     "(forward, backward, forward rows per block, backward rows per block): the paths the latest "
+     "CUDA recurrences ran on ('' before any) and the persistent kernel's rows per block (0 "
+     "off that path)."},
+    {"device_cuda_plan", device_cuda_plan, METH_VARARGS,
+     "The CUDA path plan for a layer on a real device (CUDA builds only)."},
     {"cpu_gemm_path", cpu_gemm_path, METH_NOARGS,
      "Which general GEMM the CPU kernels call on raw pointers: 'blas' (direct) or 'aten'."},
     {"cpu_step_parts", cpu_step_parts, METH_VARARGS,

@@ -133,8 +133,40 @@ def last_cuda_paths() -> dict:
     "backward": ...}, each "" until one has run (benchmarks and tests read it)."""
     if _C is None:
         return {"forward": "", "backward": ""}
-    forward, backward = _C.last_cuda_paths()
+    forward, backward, _, _ = _C.last_cuda_paths()
     return {"forward": forward, "backward": backward}
+
+
+def last_cuda_rows_per_block() -> dict:
+    """The persistent kernel's rows per block in the latest CUDA recurrences: {"forward": R,
+    "backward": R}, 0 where a per-step path ran (or none has run)."""
+    if _C is None:
+        return {"forward": 0, "backward": 0}
+    _, _, forward, backward = _C.last_cuda_paths()
+    return {"forward": forward, "backward": backward}
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
+
+
+def device_cuda_plan(hidden: int, batch: int, directions: int, dtype: torch.dtype,
+                     backward: bool = False, device: "int | str | torch.device | None" = None,
+                     forced: str = "auto") -> dict:
+    """The plan the CUDA kernels make for a layer on a real GPU (its limits, the built kernels'
+    registers): the same dict as plan_cuda_path. The runtime's co-residency check at launch still
+    has the last word; last_cuda_paths says what ran. Needs a CUDA build and a GPU."""
+    if _C is None:
+        raise RuntimeError("fused_rnn: the native extension is not loaded")
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
+    index = torch.device("cuda", torch.cuda.current_device()) if device is None else \
+        torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    path, rows, blocks, threads, smem = _C.device_cuda_plan(
+        hidden, batch, directions, _DTYPE_NAMES[dtype], backward,
+        index.index if index.index is not None else torch.cuda.current_device(), forced)
+    return {"path": path, "rows_per_block": rows, "blocks_per_direction": blocks,
+            "threads": threads, "smem_bytes": smem}
 
 
 @contextlib.contextmanager

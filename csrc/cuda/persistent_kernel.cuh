@@ -16,12 +16,10 @@ namespace fused_rnn::cuda {
 
 template <typename T>
 struct PersistentArgs {
-  int64_t steps = 0;
   int64_t H = 0;
   int64_t ld = 0;  // row stride of buf and out: D·H
   int64_t blocks_per_direction = 0;
-  const int64_t* bs = nullptr;   // device, T + 1 entries
-  const int64_t* off = nullptr;  // device, T + 1 entries
+  StepTable tab;                 // packed: its tables on the device; padded: none
   T* buf = nullptr;              // forward: the output (holding P); backward: dA (holding dH)
   const T* out = nullptr;        // backward: h_t
   const T* w[2] = {nullptr, nullptr};
@@ -64,12 +62,10 @@ __global__ void __launch_bounds__(256) persistent_recurrence_kernel(PersistentAr
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   T* buf = p.buf + d * H;
-  for (int64_t s = 0; s < p.steps; ++s) {
+  for (int64_t s = 0; s < p.tab.steps; ++s) {
     const StepRows<T> st =
-        kBackward ? backward_step<T>(s, d == 1, p.steps, p.bs, p.off, buf, p.ld, p.out + d * H,
-                                     p.dhn[d])
-                  : forward_step<T>(s, d == 1, p.steps, p.bs, p.off, buf, p.ld, p.h0[d], p.hn[d],
-                                    H);
+        kBackward ? backward_step<T>(s, d == 1, p.tab, buf, p.ld, p.out + d * H, p.dhn[d])
+                  : forward_step<T>(s, d == 1, p.tab, buf, p.ld, p.h0[d], p.hn[d], H);
     for (int64_t m = warp; m < st.rows; m += warps) {
       const T* row = step_input_row(st, m);
       A acc[ROWS];

@@ -47,27 +47,41 @@ struct StepRows {
   int64_t end_from = 0;
 };
 
+// The rows of each step t (0 ≤ t ≤ T): packed, read from the tables bs (bs[T] = 0) and off (the row
+// offset of each step, off[T] = N), T + 1 entries each; padded (bs null), `batch` rows per step at
+// offset t · batch, with no table (so that nothing is copied to the device for it).
+struct StepTable {
+  const int64_t* bs = nullptr;
+  const int64_t* off = nullptr;
+  int64_t batch = 0;
+  int64_t steps = 0;
+  C10_HOST_DEVICE int64_t rows(int64_t t) const {
+    return bs != nullptr ? bs[t] : (t < steps ? batch : 0);
+  }
+  C10_HOST_DEVICE int64_t offset(int64_t t) const { return off != nullptr ? off[t] : t * batch; }
+};
+
 // Forward step number s (0 ≤ s < T) of one direction. out: the direction's first column of the
-// (N, D·H) output, rows ld apart; h0, hn: (B, H) of this direction. bs has T + 1 entries (bs[T] = 0),
-// off the row offset of each step (off[T] = N).
+// (N, D·H) output, rows ld apart; h0, hn: (B, H) of this direction. A GEMM input that no row reads
+// (the reverse direction's first step) is left null rather than pointed past the output.
 template <typename T>
-C10_HOST_DEVICE inline StepRows<T> forward_step(int64_t s, bool reverse, int64_t steps,
-                                                const int64_t* bs, const int64_t* off, T* out,
-                                                int64_t ld, const T* h0, T* hn, int64_t H) {
+C10_HOST_DEVICE inline StepRows<T> forward_step(int64_t s, bool reverse, const StepTable& tab,
+                                                T* out, int64_t ld, const T* h0, T* hn,
+                                                int64_t H) {
   StepRows<T> r;
-  const int64_t t = reverse ? steps - 1 - s : s;
-  r.rows = bs[t];
-  r.c = out + off[t] * ld;
+  const int64_t t = reverse ? tab.steps - 1 - s : s;
+  r.rows = tab.rows(t);
+  r.c = out + tab.offset(t) * ld;
   r.ldc = ld;
   r.hn = hn;
   if (!reverse) {
     r.cont = r.rows;
-    r.a1 = t == 0 ? h0 : out + off[t - 1] * ld;
+    r.a1 = t == 0 ? h0 : out + tab.offset(t - 1) * ld;
     r.lda1 = t == 0 ? H : ld;
-    r.end_from = bs[t + 1];  // rows [bs[t+1], bs[t]) end at t
+    r.end_from = tab.rows(t + 1);  // rows [bs[t+1], bs[t]) end at t
   } else {
-    r.cont = bs[t + 1];  // rows that continue from step t + 1; the rest start from h0
-    r.a1 = out + off[t + 1] * ld;
+    r.cont = tab.rows(t + 1);  // rows that continue from step t + 1; the rest start from h0
+    r.a1 = r.cont > 0 ? out + tab.offset(t + 1) * ld : nullptr;
     r.lda1 = ld;
     r.a2 = h0;
     r.lda2 = H;
@@ -80,19 +94,19 @@ C10_HOST_DEVICE inline StepRows<T> forward_step(int64_t s, bool reverse, int64_t
 // direction's first column of the (N, D·H) gradient buffer (holding dH on entry), out: of h_t,
 // dhn: (B, H).
 template <typename T>
-C10_HOST_DEVICE inline StepRows<T> backward_step(int64_t s, bool reverse, int64_t steps,
-                                                 const int64_t* bs, const int64_t* off, T* dA,
-                                                 int64_t ld, const T* out, const T* dhn) {
+C10_HOST_DEVICE inline StepRows<T> backward_step(int64_t s, bool reverse, const StepTable& tab,
+                                                 T* dA, int64_t ld, const T* out, const T* dhn) {
   StepRows<T> r;
-  const int64_t t = reverse ? s : steps - 1 - s;
-  r.rows = bs[t];
-  r.c = dA + off[t] * ld;
+  const int64_t t = reverse ? s : tab.steps - 1 - s;
+  r.rows = tab.rows(t);
+  r.c = dA + tab.offset(t) * ld;
   r.ldc = ld;
-  r.h = out + off[t] * ld;
+  r.h = out + tab.offset(t) * ld;
   r.ldh = ld;
   if (!reverse) {
-    r.cont = bs[t + 1];  // rows with a step t + 1 get dA_{t+1} · W_hh; the others end here: + dh_n
-    r.a1 = dA + off[t + 1] * ld;
+    // Rows with a step t + 1 get dA_{t+1} · W_hh; the others end here: + dh_n.
+    r.cont = tab.rows(t + 1);
+    r.a1 = r.cont > 0 ? dA + tab.offset(t + 1) * ld : nullptr;
     r.lda1 = ld;
     r.extra = dhn;
   } else if (t == 0) {
@@ -100,7 +114,7 @@ C10_HOST_DEVICE inline StepRows<T> backward_step(int64_t s, bool reverse, int64_
     r.extra = dhn;
   } else {
     r.cont = r.rows;
-    r.a1 = dA + off[t - 1] * ld;
+    r.a1 = dA + tab.offset(t - 1) * ld;
     r.lda1 = ld;
   }
   return r;

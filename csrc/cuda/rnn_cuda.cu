@@ -16,12 +16,14 @@
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "../cuda_plan.h"
 #include "../rnn_layer.h"
+#include "device_plan.h"
 #include "persistent_kernel.cuh"
 #include "step_kernel.cuh"
 
@@ -79,6 +81,15 @@ cuda_plan::KernelRegs persistent_kernel_regs() {
   return r;
 }
 
+// The path and persistent geometry for a layer on `device`, from its limits and the built kernels'
+// registers (the runtime's co-residency check at launch has the last word).
+template <typename T, bool kBackward>
+cuda_plan::Path plan(int64_t hidden, int64_t batch, int64_t directions, int device,
+                     const std::string& forced, cuda_plan::PersistentConfig* cfg) {
+  return cuda_plan::choose_path(hidden, batch, directions, sizeof(T), device_limits(device),
+                                persistent_kernel_regs<T, kBackward>(), forced, cfg);
+}
+
 // Launches the persistent kernel if every block can be co-resident; returns false (nothing
 // launched) if not, so that the caller takes a per-step path. The runtime has the last word: a
 // cooperative launch it refuses as too large (another process's MPS share, a smaller partition)
@@ -86,11 +97,13 @@ cuda_plan::KernelRegs persistent_kernel_regs() {
 template <typename T, bool kBackward>
 bool launch_persistent(const PersistentArgs<T>& args, const cuda_plan::PersistentConfig& cfg,
                        int device, int64_t sm_count, cudaStream_t stream) {
-  int cooperative = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-  if (!cooperative) return false;
   const void* kernel = persistent_kernel_for<T, kBackward>(cfg.rows_per_block);
   const int smem = static_cast<int>(cfg.smem_bytes);
+  // The kernel's dynamic shared-memory limit is per kernel and device, not per launch: another host
+  // thread setting it lower between our setting and our launch would fail the launch. One lock
+  // around set, occupancy query and (asynchronous) launch.
+  static std::mutex launch_mutex;
+  const std::lock_guard<std::mutex> lock(launch_mutex);
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
@@ -123,7 +136,7 @@ void launch_step(const StepRows<T>& st, const T* w, int64_t H, bool relu) {
 }
 
 // cuBLAS types of the per_step_cublas path: T in, acc_t<T> out, acc_t<T> compute (TF32 for float
-// only where torch's matmul flag allows it, as at::mm would).
+// only where torch's matmul flag allows it and no NoTF32Guard is active, as at::mm would).
 template <typename T>
 constexpr cudaDataType_t blas_type() {
   if constexpr (std::is_same_v<T, double>) return CUDA_R_64F;
@@ -136,8 +149,9 @@ template <typename T>
 cublasComputeType_t blas_compute() {
   if constexpr (std::is_same_v<T, double>) return CUBLAS_COMPUTE_64F;
   if constexpr (std::is_same_v<T, float>) {
-    return at::globalContext().allowTF32CuBLAS() ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                                 : CUBLAS_COMPUTE_32F;
+    const bool tf32 =
+        at::globalContext().allowTF32CuBLAS() && !at::NoTF32Guard::should_disable_tf32();
+    return tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   }
   return CUBLAS_COMPUTE_32F;
 }
@@ -217,6 +231,19 @@ class SideStreamJoin {
   bool joined_ = false;
 };
 
+// The step tables a kernel reads: packed sequences' from `bs`/`off` (host or device copies of the
+// schedule's), padded ones' from B alone.
+StepTable step_table(const StepSchedule& s, const int64_t* bs, const int64_t* off) {
+  StepTable tab;
+  tab.batch = s.batch;
+  tab.steps = s.steps;
+  if (s.packed) {
+    tab.bs = bs;
+    tab.off = off;
+  }
+  return tab;
+}
+
 // Runs the recurrence of every direction over buf, on the path the plan picks.
 //   forward: buf = output holding P; h0/hn per direction.  backward: buf = dA holding dH.
 template <typename T, bool kBackward>
@@ -231,50 +258,80 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   const cuda_plan::DeviceLimits dev = device_limits(device);
   cuda_plan::PersistentConfig cfg;
   const std::string forced = cuda_plan::forced_path();
-  cuda_plan::Path path = cuda_plan::choose_path(H, s.schedule.batch, D, sizeof(T), dev,
-                                                persistent_kernel_regs<T, kBackward>(), forced,
-                                                &cfg);
+  cuda_plan::Path path = plan<T, kBackward>(H, s.schedule.batch, D, device, forced, &cfg);
+  // Per direction: W_hh, and the forward's h0/hn or the backward's dh_n and h_t columns.
+  struct Direction {
+    T* buf;
+    const T* w;
+    const T* h0 = nullptr;
+    T* hn = nullptr;
+    const T* out = nullptr;
+    const T* dhn = nullptr;
+    acc_t<T>* ws = nullptr;  // per_step_cublas: the step's GEMM term
+  };
+  std::vector<Direction> dirs;
+  for (int64_t d = 0; d < D; ++d) {
+    Direction x{buf.data_ptr<T>() + d * H, whh[d].data_ptr<T>()};
+    if constexpr (kBackward) {
+      x.out = out.data_ptr<T>() + d * H;
+      x.dhn = dhn[d].data_ptr<T>();
+    } else {
+      x.h0 = h0[d].data_ptr<T>();
+      x.hn = hn[d].data_ptr<T>();
+    }
+    dirs.push_back(x);
+  }
 
   if (path == cuda_plan::Path::kPersistent) {
-    std::vector<int64_t> sched(s.schedule.bs);
-    sched.insert(sched.end(), s.schedule.offset.begin(), s.schedule.offset.end());
-    const at::Tensor sched_dev = to_device(sched, buf.device());
-    PersistentArgs<T> a;
-    a.steps = steps;
-    a.H = H;
-    a.ld = ld;
-    a.blocks_per_direction = cfg.blocks_per_direction;
-    a.bs = sched_dev.data_ptr<int64_t>();
-    a.off = a.bs + steps + 1;
-    a.buf = buf.data_ptr<T>();
-    a.relu = relu;
-    for (int64_t d = 0; d < D; ++d) {
-      a.w[d] = whh[d].data_ptr<T>();
-      if constexpr (kBackward) {
-        a.out = out.data_ptr<T>();
-        a.dhn[d] = dhn[d].data_ptr<T>();
-      } else {
-        a.h0[d] = h0[d].data_ptr<T>();
-        a.hn[d] = hn[d].data_ptr<T>();
+    int cooperative = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+    TORCH_CHECK(cooperative || forced != "persistent",
+                "fused_rnn: the persistent path was forced, but this device does not support "
+                "cooperative launches");
+    if (cooperative) {
+      PersistentArgs<T> a;
+      a.H = H;
+      a.ld = ld;
+      a.blocks_per_direction = cfg.blocks_per_direction;
+      a.buf = buf.data_ptr<T>();
+      a.relu = relu;
+      for (int64_t d = 0; d < D; ++d) {
+        a.w[d] = dirs[d].w;
+        a.out = kBackward ? out.data_ptr<T>() : nullptr;
+        a.dhn[d] = dirs[d].dhn;
+        a.h0[d] = dirs[d].h0;
+        a.hn[d] = dirs[d].hn;
       }
+      // Packed sequences' tables go to the device; padded ones need none (nothing is copied).
+      at::Tensor sched_dev;
+      if (s.schedule.packed) {
+        std::vector<int64_t> sched(s.schedule.bs);
+        sched.insert(sched.end(), s.schedule.offset.begin(), s.schedule.offset.end());
+        sched_dev = to_device(sched, buf.device());
+      }
+      const int64_t* bs_dev = sched_dev.defined() ? sched_dev.data_ptr<int64_t>() : nullptr;
+      a.tab = step_table(s.schedule, bs_dev, bs_dev == nullptr ? nullptr : bs_dev + steps + 1);
+      if (launch_persistent<T, kBackward>(a, cfg, device, dev.sm_count, main_stream.stream())) {
+        cuda_plan::record_path(kBackward, path, cfg.rows_per_block);
+        return;
+      }
+      TORCH_CHECK(forced != "persistent",
+                  "fused_rnn: the persistent path was forced, but its grid of ",
+                  cfg.blocks_per_direction * D, " blocks cannot be co-resident on this device");
     }
-    if (launch_persistent<T, kBackward>(a, cfg, device, dev.sm_count, main_stream.stream())) {
-      cuda_plan::record_path(kBackward, path);
-      return;
-    }
-    TORCH_CHECK(forced != "persistent",
-                "fused_rnn: the persistent path was forced, but its grid of ",
-                cfg.blocks_per_direction * D, " blocks cannot be co-resident on this device");
     path = cuda_plan::per_step_path(H, s.schedule.batch, sizeof(T));
   }
 
-  cuda_plan::record_path(kBackward, path);
+  cuda_plan::record_path(kBackward, path, cfg.rows_per_block);
   // Per-step: direction 0 on the current stream, direction 1 on a pool stream, joined at the end.
+  // The directions' launches alternate, step by step, so that both streams have work queued from
+  // the start (all of one direction first could fill the launch queue before the other begins).
   const bool use_blas = path == cuda_plan::Path::kPerStepCublas;
   at::Tensor ws;  // per direction: the GEMM term of a step (B × H, accumulation type)
   if (use_blas) {
     const auto acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
     ws = at::empty({D, s.schedule.batch, H}, buf.options().dtype(acc));
+    for (int64_t d = 0; d < D; ++d) dirs[d].ws = ws.data_ptr<acc_t<T>>() + d * s.schedule.batch * H;
   }
   std::optional<c10::cuda::CUDAStream> side;
   std::optional<SideStreamJoin> join;
@@ -282,28 +339,23 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
     side = c10::cuda::getStreamFromPool(false, dev_index);
     join.emplace(main_stream.stream(), side->stream());
   }
-  const int64_t* bs = s.schedule.bs.data();
-  const int64_t* off = s.schedule.offset.data();
-  for (int64_t d = 0; d < D; ++d) {
-    // The guard makes this direction's stream current: both step functions launch on it, and
-    // cuBLAS's handle is bound to it.
-    const c10::cuda::CUDAStreamGuard stream_guard(d == 0 ? main_stream : *side);
-    T* base = buf.data_ptr<T>() + d * H;
-    const T* w = whh[d].data_ptr<T>();
-    acc_t<T>* ws_d = use_blas ? ws[d].data_ptr<acc_t<T>>() : nullptr;
-    for (int64_t step = 0; step < steps; ++step) {
+  const StepTable tab = step_table(s.schedule, s.schedule.bs.data(), s.schedule.offset.data());
+  for (int64_t step = 0; step < steps; ++step) {
+    for (int64_t d = 0; d < D; ++d) {
+      // The guard makes this direction's stream current: both step functions launch on it, and
+      // cuBLAS's handle is bound to it.
+      const c10::cuda::CUDAStreamGuard stream_guard(d == 0 ? main_stream : *side);
+      const Direction& x = dirs[d];
       StepRows<T> st;
       if constexpr (kBackward) {
-        st = backward_step<T>(step, d == 1, steps, bs, off, base, ld, out.data_ptr<T>() + d * H,
-                              dhn[d].data_ptr<T>());
+        st = backward_step<T>(step, d == 1, tab, x.buf, ld, x.out, x.dhn);
       } else {
-        st = forward_step<T>(step, d == 1, steps, bs, off, base, ld, h0[d].data_ptr<T>(),
-                             hn[d].data_ptr<T>(), H);
+        st = forward_step<T>(step, d == 1, tab, x.buf, ld, x.h0, x.hn, H);
       }
       if (use_blas) {
-        cublas_step<T, kBackward>(st, w, H, relu, ws_d);
+        cublas_step<T, kBackward>(st, x.w, H, relu, x.ws);
       } else {
-        launch_step<T, kBackward>(st, w, H, relu);
+        launch_step<T, kBackward>(st, x.w, H, relu);
       }
     }
   }
@@ -351,13 +403,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cuda(
 at::Tensor grad_h0(const at::Tensor& dA_d, const at::Tensor& whh, const StepSchedule& s,
                    bool reverse, const at::Tensor& dhn_d) {
   if (s.steps == 0) return dhn_d.clone();
+  // Forward: every row starts at step 0, rows [0, B). Reverse, padded: at step T − 1, the last B.
+  if (!reverse) return at::mm(dA_d.narrow(0, 0, s.batch), whh);
+  if (!s.packed) return at::mm(dA_d.narrow(0, s.rows - s.batch, s.batch), whh);
+  // Reverse, packed: row b starts at its last step t_b, the t with bs[t + 1] ≤ b < bs[t].
   std::vector<int64_t> first(s.batch);
-  for (int64_t b = 0; b < s.batch; ++b) first[b] = b;  // forward: step 0, rows [0, B)
-  if (reverse) {
-    // Reverse: row b starts at its last step t_b, the t with bs[t + 1] ≤ b < bs[t].
-    for (int64_t t = 0; t < s.steps; ++t) {
-      for (int64_t b = s.bs[t + 1]; b < s.bs[t]; ++b) first[b] = s.offset[t] + b;
-    }
+  for (int64_t t = 0; t < s.steps; ++t) {
+    for (int64_t b = s.bs[t + 1]; b < s.bs[t]; ++b) first[b] = s.offset[t] + b;
   }
   const at::Tensor idx = to_device(first, dA_d.device());
   return at::mm(dA_d.index_select(0, idx), whh);
@@ -439,6 +491,19 @@ LayerGrads rnn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& gr
 }
 
 }  // namespace
+
+cuda_plan::Path device_plan(int64_t hidden, int64_t batch, int64_t directions,
+                            c10::ScalarType dtype, bool backward, int device,
+                            const std::string& forced, cuda_plan::PersistentConfig* cfg) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cuda_plan::Path path = cuda_plan::Path::kPerStep;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "device_plan", [&] {
+    path = backward ? plan<scalar_t, true>(hidden, batch, directions, device, forced, cfg)
+                    : plan<scalar_t, false>(hidden, batch, directions, device, forced, cfg);
+  });
+  return path;
+}
+
 }  // namespace fused_rnn::cuda
 
 TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
