@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
 import fused_rnn
 from fused_rnn import _ops
@@ -21,6 +21,7 @@ from conftest import assert_close, make_input, make_pair, requires_cuda, run_and
 
 pytestmark = [requires_cuda, pytest.mark.cuda]
 
+DEV = "cuda"  # a scratch copy with "cpu" here (and pytestmark off) self-checks the test code
 PATHS = ["persistent", "per_step", "per_step_cublas"]
 CASES = list(itertools.product(
     ["tanh", "relu"], [True, False], [False, True], [1, 2], ["padded", "packed", "unbatched"]))
@@ -90,15 +91,148 @@ def test_stack_ops_equal_the_chained_layer_ops_every_path(path):
             assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("hidden", [1, 31, 64, 100, 257])
-@pytest.mark.parametrize("batch", [1, 3, 70, 130])
-def test_odd_sizes_every_path(path, hidden, batch):
-    """Sizes that are not multiples of the tiles, batches above a warp count and a tile."""
-    ref, fused = make_pair(6, hidden, 1, dtype=torch.float64, device="cuda", bidirectional=True)
-    x = torch.randn(4, batch, 6, dtype=torch.float64, device="cuda")
-    (o1, h1), (o2, h2) = ref(x), fused(x)
-    assert_close(o2, o1, torch.float64)
-    assert_close(h2, h1, torch.float64)
+def _input(kind, steps, batch, size, dtype, gen):
+    """(x, leaves) on the GPU: padded (T, B, size), or packed from unsorted lengths with one of T."""
+    if kind == "padded":
+        x = torch.randn(steps, batch, size, dtype=dtype, generator=gen).to(DEV).requires_grad_()
+        return x, [x]
+    lengths = [steps] + torch.randint(1, steps + 1, (batch - 1,), generator=gen).tolist()
+    seqs = [torch.randn(n, size, dtype=dtype, generator=gen).to(DEV).requires_grad_()
+            for n in lengths]
+    return pack_sequence(seqs, enforce_sorted=False), seqs
+
+
+def _assert_all_close(got, want, dtype):
+    o, h, g = got
+    o_ref, h_ref, g_ref = want
+    assert_close(o, o_ref, dtype, "output")
+    assert_close(h, h_ref, dtype, "h_n")
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert_close(a, b, dtype, f"gradient {i}")
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+@pytest.mark.parametrize("batch", [3, 70, 130])
+@pytest.mark.parametrize("hidden", [1, 7, 65, 100, 257])
+def test_odd_sizes_every_path(path, hidden, batch, kind):
+    """Sizes that are not multiples of the tiles (64) or of the rows per block, batches above a warp
+    count, a tile and the persistent batch limit, packed rows ending inside tiles, a random h0:
+    output, h_n and every gradient (the backward kernels' transposed W_hh, act', dh_n)."""
+    nonlinearity = "relu" if hidden % 2 else "tanh"
+    ref, fused = make_pair(6, hidden, 2, nonlinearity, bidirectional=True, dtype=torch.float64,
+                           device=DEV)
+    gen = torch.Generator().manual_seed(hidden * 1000 + batch)
+    x, leaves = _input(kind, 5, batch, 6, torch.float64, gen)
+    h0 = torch.randn(4, batch, hidden, dtype=torch.float64, generator=gen).to(DEV)
+    h0.requires_grad_()
+    want = run_and_grad(ref, x, leaves, h0)
+    got = run_and_grad(fused, x, leaves, h0)
+    assert _ops.last_cuda_paths() == {"forward": path, "backward": path}
+    _assert_all_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["padded", "packed"])
+def test_one_step_every_path(path, kind):
+    """T = 1: every row starts and ends at the same step (the reverse direction continues none)."""
+    ref, fused = make_pair(4, 33, 2, bidirectional=True, dtype=torch.float64, device=DEV)
+    gen = torch.Generator().manual_seed(1)
+    x, leaves = _input(kind, 1, 5, 4, torch.float64, gen)
+    h0 = torch.randn(4, 5, 33, dtype=torch.float64, generator=gen).to(DEV).requires_grad_()
+    want = run_and_grad(ref, x, leaves, h0)
+    got = run_and_grad(fused, x, leaves, h0)
+    _assert_all_close(got, want, torch.float64)
+
+
+def test_empty_batch_every_path(path):
+    ref, fused = make_pair(4, 5, 2, bidirectional=True, dtype=torch.float64, device=DEV)
+    x = torch.randn(3, 0, 4, dtype=torch.float64, device=DEV, requires_grad=True)
+    h0 = torch.randn(4, 0, 5, dtype=torch.float64, device=DEV, requires_grad=True)
+    want = run_and_grad(ref, x, [x], h0)
+    got = run_and_grad(fused, x, [x], h0)
+    for a, b in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        assert a.shape == b.shape
+    _assert_all_close(got, want, torch.float64)
+
+
+# Auto's choice on this device: the planner with the device's limits and the built kernels'
+# registers (device_cuda_plan) must be what runs, and the thresholds must send these shapes where
+# cuda_plan.h says.
+@pytest.mark.parametrize("hidden,batch,dtype,want", [
+    (64, 128, torch.float32, "persistent"),
+    (64, 130, torch.float32, "per_step"),          # above kPersistentMaxBatch, a small GEMM
+    (512, 256, torch.float32, "per_step_cublas"),  # above kPersistentMaxBatch, 2^26 MACs
+    (64, 256, torch.bfloat16, "per_step_cublas"),  # half types off the persistent path
+    (2500, 2, torch.float32, "per_step_cublas"),   # W_hh too big for the chip (one direction)
+], ids=str)
+def test_auto_path_is_the_device_plan(hidden, batch, dtype, want):
+    ref, fused = make_pair(8, hidden, 1, dtype=dtype, device=DEV)
+    x = torch.randn(3, batch, 8, dtype=dtype, device=DEV, requires_grad=True)
+    expected = run_and_grad(ref, x, [x], None)
+    got = run_and_grad(fused, x, [x], None)
+    planned = {kind: _ops.device_cuda_plan(hidden, batch, 1, dtype, backward=kind == "backward")
+               for kind in ("forward", "backward")}
+    assert _ops.last_cuda_paths() == {k: p["path"] for k, p in planned.items()}
+    assert _ops.last_cuda_rows_per_block() == {k: p["rows_per_block"] for k, p in planned.items()}
+    assert planned["forward"]["path"] == want
+    if dtype == torch.float32:
+        _assert_all_close(got, expected, dtype)
+
+
+def test_forcing_persistent_where_it_cannot_fit_raises():
+    _, fused = make_pair(8, 2500, 1, dtype=torch.float32, device=DEV)
+    with _ops.cuda_path("persistent"), pytest.raises(RuntimeError, match="does not fit on-chip"):
+        fused(torch.randn(2, 1, 8, device=DEV))
+
+
+def _hidden_for_rows(rows, dtype, directions):
+    """The smallest hidden size (up to 4096) for which this device's plan puts `rows` rows of W_hh
+    in each persistent block, forward and backward, or None."""
+    for hidden in range(256, 4097, 8):
+        plans = [_ops.device_cuda_plan(hidden, 2, directions, dtype, backward=b, forced="auto")
+                 for b in (False, True)]
+        if all(p["path"] == "persistent" and p["rows_per_block"] == rows for p in plans):
+            return hidden
+    return None
+
+
+@pytest.mark.parametrize("rows", [16, 32])
+@pytest.mark.parametrize("dtype,directions", [(torch.float32, 2), (torch.float32, 1),
+                                              (torch.bfloat16, 2)], ids=str)
+def test_persistent_blocks_of_16_and_32_rows(rows, dtype, directions):
+    """The persistent kernel with 16 and 32 rows per block and over 48 KiB of dynamic shared memory:
+    the planner only picks them near the on-chip limit (R = 8 serves up to H ≈ 1800 in float32 on an
+    H100), at a hidden size read off this device's plan."""
+    hidden = _hidden_for_rows(rows, dtype, directions)
+    if hidden is None:
+        pytest.skip(f"no hidden size <= 4096 gets {rows} rows per block here ({dtype})")
+    torch.manual_seed(0)
+    bi = directions == 2
+    ref64 = nn.RNN(16, hidden, 1, bidirectional=bi, dtype=torch.float64, device=DEV)
+    fused = fused_rnn.RNN(16, hidden, 1, bidirectional=bi, dtype=dtype, device=DEV)
+    fused.load_state_dict(ref64.state_dict())
+    x64 = torch.randn(3, 2, 16, dtype=torch.float64, device=DEV)
+    x = x64.to(dtype).requires_grad_()
+    got = run_and_grad(fused, x, [x], None)
+    assert _ops.last_cuda_paths() == {"forward": "persistent", "backward": "persistent"}
+    assert _ops.last_cuda_rows_per_block() == {"forward": rows, "backward": rows}
+    want = run_and_grad(ref64, x64.clone().requires_grad_(), [], None)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for a, b in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]]):
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+
+
+def test_deterministic_every_path(path):
+    """Two runs give bitwise the same output and gradients (fixed reduction orders; the second
+    direction's pool stream changes nothing)."""
+    _, fused = make_pair(16, 100, 2, dtype=torch.float32, device=DEV, bidirectional=True)
+    x = torch.randn(20, 70, 16, device=DEV, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out, hn = fused(x)
+        grads = torch.autograd.grad(out.sum() + hn.sum(), [x, *fused.parameters()])
+        runs.append((out, hn, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -147,21 +281,87 @@ def test_gradcheck_every_path(path, packed):
 
 
 def test_long_sequence_every_path_agrees():
-    _, fused = make_pair(16, 128, 1, dtype=torch.float32, device="cuda")
-    x = torch.randn(2000, 4, 16, device="cuda")
-    with _ops.cuda_path("persistent"):
-        a = fused(x)[0]
-    for other in ("per_step", "per_step_cublas"):
-        with _ops.cuda_path(other):
-            b = fused(x)[0]
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ref, fused = make_pair(16, 128, 1, dtype=torch.float32, device=DEV)
+    x = torch.randn(2000, 4, 16, device=DEV)
+    want = ref(x)[0]
+    for path in PATHS:
+        with _ops.cuda_path(path):
+            got = fused(x)[0]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{path}: {m}")
 
 
-def test_non_default_stream_and_device_guard():
-    ref, fused = make_pair(8, 16, 2, dtype=torch.float64, device="cuda", bidirectional=True)
-    x = torch.randn(7, 3, 8, dtype=torch.float64, device="cuda")
+def test_caller_stream_is_honoured_every_path(path):
+    """The ops run on the caller's current stream, and the per-step paths' second stream waits for
+    it: the input is written on that stream after a long sleep, so an op on any other stream, or a
+    side stream that does not wait, reads it unwritten."""
+    ref, fused = make_pair(8, 100, 2, dtype=torch.float64, device=DEV, bidirectional=True)
+    x0 = torch.randn(7, 70, 8, dtype=torch.float64, device=DEV)
+    want = run_and_grad(ref, x0.clone().requires_grad_(), [], None)
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        o2, _ = fused(x)
-    s.synchronize()
-    assert_close(o2, ref(x)[0], torch.float64)
+        torch.cuda._sleep(50_000_000)
+        x = (x0 * 1).requires_grad_()  # written on s, after the sleep
+        got = run_and_grad(fused, x, [x], None)
+    torch.cuda.current_stream().wait_stream(s)
+    _assert_all_close(got, want, torch.float64)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device_under_another_current_device():
+    ref, fused = make_pair(8, 40, 2, dtype=torch.float64, device="cuda:1", bidirectional=True)
+    x = torch.randn(7, 5, 8, dtype=torch.float64, device="cuda:1", requires_grad=True)
+    with torch.cuda.device(0):
+        got = run_and_grad(fused, x, [x], None)
+    want = run_and_grad(ref, x, [x], None)
+    assert got[0].device == torch.device("cuda:1")
+    _assert_all_close(got, want, torch.float64)
+
+
+def test_cuda_graph_capture_and_replay_every_path(path):
+    """A forward captured in a CUDA graph and replayed on new input (padded: nothing is staged
+    through host memory); an eager call of another shape runs between capture and replay."""
+    ref, fused = make_pair(8, 40, 2, dtype=torch.float32, device=DEV, bidirectional=True)
+    static_x = torch.randn(6, 4, 8, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(2):
+            fused(static_x)  # warm-up outside the capture, as torch.cuda.graphs asks
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out, static_hn = fused(static_x)
+    with torch.no_grad():
+        fused(torch.randn(9, 3, 8, device=DEV))
+        for _ in range(2):
+            static_x.copy_(torch.randn(6, 4, 8, device=DEV))
+            graph.replay()
+            out, hn = ref(static_x)
+            torch.testing.assert_close(static_out, out, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(static_hn, hn, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_type_gradients_within_cudnn_error(path, dtype):
+    """Every gradient in float16/bfloat16, judged as the forward is: its error against a float64
+    reference at most 3× nn.RNN's own in that dtype (plus an eighth of the dtype's epsilon, for
+    gradients nn.RNN happens to get almost exactly)."""
+    torch.manual_seed(0)
+    ref64 = nn.RNN(32, 100, 2, bidirectional=True, dtype=torch.float64, device=DEV)
+    theirs = nn.RNN(32, 100, 2, bidirectional=True, dtype=dtype, device=DEV)
+    ours = fused_rnn.RNN(32, 100, 2, bidirectional=True, dtype=dtype, device=DEV)
+    theirs.load_state_dict(ref64.state_dict())
+    ours.load_state_dict(ref64.state_dict())
+    x64 = torch.randn(20, 70, 32, dtype=torch.float64, device=DEV)
+    res = []
+    for m in (ref64, theirs, ours):
+        x = x64.to(next(m.parameters()).dtype).requires_grad_()
+        o, h, g = run_and_grad(m, x, [x], None)
+        res.append([t.double() for t in (o, h, *g)])
+    slack = torch.finfo(dtype).eps / 8
+    for i, (want, cudnn, fused) in enumerate(zip(*res)):
+        scale = want.abs().max().item() + 1e-12
+        err_ours = (fused - want).abs().max().item() / scale
+        err_cudnn = (cudnn - want).abs().max().item() / scale
+        assert err_ours <= 3 * err_cudnn + slack, (i, err_ours, err_cudnn)
