@@ -25,9 +25,10 @@ from typing import Dict, List
 import torch
 
 from fused_rnn import _ops
-from bench.common import (Shape, default_tolerance, device_name, forward_backward_fn, forward_fn,
-                          gemm_gflops, interleaved_medians, make_input, make_models, max_abs_diff,
-                          peak_memory_bytes, progress, versions)
+from bench.common import (HALF_TYPES, Shape, default_tolerance, device_name,
+                          errors_against_float32, forward_backward_fn, forward_fn, gemm_gflops,
+                          half_type_bound, interleaved_medians, make_input, make_models,
+                          max_abs_diff, peak_memory_bytes, progress, versions)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -65,7 +66,15 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
     paths = _ops.last_cuda_paths() if device.startswith("cuda") else None
     mem_ref = peak_memory_bytes(fb_ref_fn, device)
     mem_fused = peak_memory_bytes(fb_fused_fn, device)
-    tol = default_tolerance(dtype)
+    if dtype in HALF_TYPES:
+        ref_err, fused_err = errors_against_float32(ref, fused, x)
+        tol = half_type_bound(dtype, ref_err)
+        correct = fused_err <= tol
+        judged = {"error_vs_float32": {"nn.RNN": ref_err, "fused_rnn": fused_err}}
+    else:
+        tol = default_tolerance(dtype)
+        correct = diff <= tol
+        judged = {}
     return {
         "shape": shape.label, "T": shape.T, "B": shape.B, "H": shape.H, "layers": shape.layers,
         "bidirectional": shape.bidirectional,
@@ -75,7 +84,7 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
         "speedup_forward_backward": fb_ref / fb_fused,
         "fused_forward_gflops": shape.forward_flops() / fwd_fused / 1e9,
         "peak_memory_bytes": {"nn.RNN": mem_ref, "fused_rnn": mem_fused},
-        "max_abs_diff": diff, "tolerance": tol, "correct": bool(diff <= tol),
+        "max_abs_diff": diff, "tolerance": tol, "correct": bool(correct), **judged,
         **({"cuda_path": paths} if paths else {}),
     }
 
@@ -131,6 +140,12 @@ def markdown(report: Dict) -> str:
               f"Peak memory of forward+backward ≤ nn.RNN's at every shape: "
               f"{'yes' if s['memory_fused_le_nn_rnn'] else 'no'}.",
               f"Wrong results: {s['wrong_results']} of {s['shapes']}."]
+    judged = [r["error_vs_float32"] for r in report["rows"] if "error_vs_float32" in r]
+    if judged:
+        worst = max(j["fused_rnn"] / max(j["nn.RNN"], 1e-30) for j in judged)
+        lines.append(f"In {m['dtype']} a result is judged by its error against nn.RNN in float32 on "
+                     f"the same input: fused_rnn's may be at most 2× nn.RNN's (+ ε/8); largest "
+                     f"ratio here {worst:.2f}.")
     if "gemm_gflops" in s:
         lines.append(f"GEMM rate (2048² {m['dtype']}): {s['gemm_gflops']:.0f} GFLOP/s.")
     if "large_forward_fraction_of_gemm" in s:

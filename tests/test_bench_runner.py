@@ -59,6 +59,21 @@ def test_runner_writes_a_complete_report(device, tmp_path, capsys):
     assert "results.json" in capsys.readouterr().out
 
 
+def test_runner_judges_half_types_against_float32(tmp_path):
+    """bfloat16: each side's error against float32 nn.RNN is reported, and the verdict follows it."""
+    rc = bench_run.main(["--device", "cpu", "--dtype", "bfloat16", "--shapes", "5x3x16",
+                         "--layers", "1", "--bidirectional", "yes", "--reps", "1", "--warmup", "0",
+                         "--out", str(tmp_path)])
+    assert rc == 0
+    (row,) = json.loads((tmp_path / "results.json").read_text())["rows"]
+    errors = row["error_vs_float32"]
+    assert 0 < errors["nn.RNN"] < 0.1 and 0 < errors["fused_rnn"] < 0.1
+    eps = torch.finfo(torch.bfloat16).eps
+    assert row["tolerance"] == pytest.approx(2 * errors["nn.RNN"] + eps / 8)
+    assert row["correct"] == (errors["fused_rnn"] <= row["tolerance"])
+    assert "judged by its error against nn.RNN in float32" in (tmp_path / "results.md").read_text()
+
+
 def _run(args, **kwargs):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
 
@@ -77,7 +92,8 @@ def test_gpu_check_fails_loudly_without_a_gpu(tmp_path):
     """Without a GPU the check must fail (not skip every CUDA test and pass), say so in its summary,
     and reject stages it does not know."""
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STATE=str(tmp_path / "state"))
-    bad = _run(["bash", "bench/gpu_check.sh", "--stages", "smoke,nope", str(tmp_path / "r")], env=env)
+    bad = _run(["bash", "bench/gpu_check.sh", "--stages", "smoke,nope", str(tmp_path / "r")],
+               env=env)
     assert bad.returncode == 2 and "unknown stage 'nope'" in bad.stderr
     res = _run(["bash", "bench/gpu_check.sh", "--stages", "smoke,tests-cuda", "--deadline", "300",
                 str(tmp_path / "report")], env=env)
