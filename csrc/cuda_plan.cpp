@@ -85,23 +85,24 @@ Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem
 }
 
 namespace {
-std::atomic<int> last_paths[2] = {-1, -1};  // forward, backward: a Path, or -1
-std::atomic<int64_t> last_rows[2] = {0, 0};
+// Forward, backward: rows per block · 16 + the Path + 1, in one word so that a reader never pairs
+// one run's path with another's rows; 0 = none yet.
+std::atomic<int64_t> last_runs[2] = {0, 0};
 }  // namespace
 
 void record_path(bool backward, Path path, int64_t rows_per_block) {
-  last_paths[backward ? 1 : 0].store(static_cast<int>(path), std::memory_order_relaxed);
-  last_rows[backward ? 1 : 0].store(path == Path::kPersistent ? rows_per_block : 0,
+  const int64_t rows = path == Path::kPersistent ? rows_per_block : 0;
+  last_runs[backward ? 1 : 0].store(rows * 16 + static_cast<int64_t>(path) + 1,
                                     std::memory_order_relaxed);
 }
 
 int64_t last_rows_per_block(bool backward) {
-  return last_rows[backward ? 1 : 0].load(std::memory_order_relaxed);
+  return last_runs[backward ? 1 : 0].load(std::memory_order_relaxed) / 16;
 }
 
 std::string last_path(bool backward) {
-  const int v = last_paths[backward ? 1 : 0].load(std::memory_order_relaxed);
-  return v < 0 ? std::string() : std::string(path_name(static_cast<Path>(v)));
+  const int64_t v = last_runs[backward ? 1 : 0].load(std::memory_order_relaxed);
+  return v == 0 ? std::string() : std::string(path_name(static_cast<Path>(v % 16 - 1)));
 }
 
 namespace {

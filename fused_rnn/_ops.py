@@ -160,11 +160,15 @@ def device_cuda_plan(hidden: int, batch: int, directions: int, dtype: torch.dtyp
         raise RuntimeError("fused_rnn: the native extension is not loaded")
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
-    index = torch.device("cuda", torch.cuda.current_device()) if device is None else \
-        torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    if isinstance(device, bool):
+        raise TypeError(f"device must be a CUDA device, an index or None, got {device!r}")
+    dev = torch.device("cuda", device) if isinstance(device, int) else \
+        torch.device("cuda") if device is None else torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"device_cuda_plan plans for a CUDA device, got {dev}")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
     path, rows, blocks, threads, smem = _C.device_cuda_plan(
-        hidden, batch, directions, _DTYPE_NAMES[dtype], backward,
-        index.index if index.index is not None else torch.cuda.current_device(), forced)
+        hidden, batch, directions, _DTYPE_NAMES[dtype], backward, index, forced)
     return {"path": path, "rows_per_block": rows, "blocks_per_direction": blocks,
             "threads": threads, "smem_bytes": smem}
 

@@ -81,13 +81,25 @@ cuda_plan::KernelRegs persistent_kernel_regs() {
   return r;
 }
 
-// The path and persistent geometry for a layer on `device`, from its limits and the built kernels'
-// registers (the runtime's co-residency check at launch has the last word).
+// The path and persistent geometry for a layer on `device` (limits `dev`), from the built kernels'
+// registers and whether the device has cooperative launches at all (the runtime's co-residency
+// check at launch has the last word).
 template <typename T, bool kBackward>
 cuda_plan::Path plan(int64_t hidden, int64_t batch, int64_t directions, int device,
-                     const std::string& forced, cuda_plan::PersistentConfig* cfg) {
-  return cuda_plan::choose_path(hidden, batch, directions, sizeof(T), device_limits(device),
-                                persistent_kernel_regs<T, kBackward>(), forced, cfg);
+                     const cuda_plan::DeviceLimits& dev, const std::string& forced,
+                     cuda_plan::PersistentConfig* cfg) {
+  const cuda_plan::Path path = cuda_plan::choose_path(
+      hidden, batch, directions, sizeof(T), dev, persistent_kernel_regs<T, kBackward>(), forced,
+      cfg);
+  if (path != cuda_plan::Path::kPersistent) return path;
+  int cooperative = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  if (cooperative) return path;
+  TORCH_CHECK(forced != "persistent",
+              "fused_rnn: the persistent path was forced, but this device does not support "
+              "cooperative launches");
+  *cfg = cuda_plan::PersistentConfig{};
+  return cuda_plan::per_step_path(hidden, batch, sizeof(T));
 }
 
 // Launches the persistent kernel if every block can be co-resident; returns false (nothing
@@ -96,7 +108,7 @@ cuda_plan::Path plan(int64_t hidden, int64_t batch, int64_t directions, int devi
 // also returns false.
 template <typename T, bool kBackward>
 bool launch_persistent(const PersistentArgs<T>& args, const cuda_plan::PersistentConfig& cfg,
-                       int device, int64_t sm_count, cudaStream_t stream) {
+                       int64_t sm_count, cudaStream_t stream) {
   const void* kernel = persistent_kernel_for<T, kBackward>(cfg.rows_per_block);
   const int smem = static_cast<int>(cfg.smem_bytes);
   // The kernel's dynamic shared-memory limit is per kernel and device, not per launch: another host
@@ -258,7 +270,7 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   const cuda_plan::DeviceLimits dev = device_limits(device);
   cuda_plan::PersistentConfig cfg;
   const std::string forced = cuda_plan::forced_path();
-  cuda_plan::Path path = plan<T, kBackward>(H, s.schedule.batch, D, device, forced, &cfg);
+  cuda_plan::Path path = plan<T, kBackward>(H, s.schedule.batch, D, device, dev, forced, &cfg);
   // Per direction: W_hh, and the forward's h0/hn or the backward's dh_n and h_t columns.
   struct Direction {
     T* buf;
@@ -283,42 +295,35 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   }
 
   if (path == cuda_plan::Path::kPersistent) {
-    int cooperative = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-    TORCH_CHECK(cooperative || forced != "persistent",
-                "fused_rnn: the persistent path was forced, but this device does not support "
-                "cooperative launches");
-    if (cooperative) {
-      PersistentArgs<T> a;
-      a.H = H;
-      a.ld = ld;
-      a.blocks_per_direction = cfg.blocks_per_direction;
-      a.buf = buf.data_ptr<T>();
-      a.relu = relu;
-      for (int64_t d = 0; d < D; ++d) {
-        a.w[d] = dirs[d].w;
-        a.out = kBackward ? out.data_ptr<T>() : nullptr;
-        a.dhn[d] = dirs[d].dhn;
-        a.h0[d] = dirs[d].h0;
-        a.hn[d] = dirs[d].hn;
-      }
-      // Packed sequences' tables go to the device; padded ones need none (nothing is copied).
-      at::Tensor sched_dev;
-      if (s.schedule.packed) {
-        std::vector<int64_t> sched(s.schedule.bs);
-        sched.insert(sched.end(), s.schedule.offset.begin(), s.schedule.offset.end());
-        sched_dev = to_device(sched, buf.device());
-      }
-      const int64_t* bs_dev = sched_dev.defined() ? sched_dev.data_ptr<int64_t>() : nullptr;
-      a.tab = step_table(s.schedule, bs_dev, bs_dev == nullptr ? nullptr : bs_dev + steps + 1);
-      if (launch_persistent<T, kBackward>(a, cfg, device, dev.sm_count, main_stream.stream())) {
-        cuda_plan::record_path(kBackward, path, cfg.rows_per_block);
-        return;
-      }
-      TORCH_CHECK(forced != "persistent",
-                  "fused_rnn: the persistent path was forced, but its grid of ",
-                  cfg.blocks_per_direction * D, " blocks cannot be co-resident on this device");
+    PersistentArgs<T> a;
+    a.H = H;
+    a.ld = ld;
+    a.blocks_per_direction = cfg.blocks_per_direction;
+    a.buf = buf.data_ptr<T>();
+    a.relu = relu;
+    a.out = kBackward ? out.data_ptr<T>() : nullptr;
+    for (int64_t d = 0; d < D; ++d) {
+      a.w[d] = dirs[d].w;
+      a.dhn[d] = dirs[d].dhn;
+      a.h0[d] = dirs[d].h0;
+      a.hn[d] = dirs[d].hn;
     }
+    // Packed sequences' tables go to the device; padded ones need none (nothing is copied).
+    at::Tensor sched_dev;
+    if (s.schedule.packed) {
+      std::vector<int64_t> sched(s.schedule.bs);
+      sched.insert(sched.end(), s.schedule.offset.begin(), s.schedule.offset.end());
+      sched_dev = to_device(sched, buf.device());
+    }
+    const int64_t* bs_dev = sched_dev.defined() ? sched_dev.data_ptr<int64_t>() : nullptr;
+    a.tab = step_table(s.schedule, bs_dev, bs_dev == nullptr ? nullptr : bs_dev + steps + 1);
+    if (launch_persistent<T, kBackward>(a, cfg, dev.sm_count, main_stream.stream())) {
+      cuda_plan::record_path(kBackward, path, cfg.rows_per_block);
+      return;
+    }
+    TORCH_CHECK(forced != "persistent",
+                "fused_rnn: the persistent path was forced, but its grid of ",
+                cfg.blocks_per_direction * D, " blocks cannot be co-resident on this device");
     path = cuda_plan::per_step_path(H, s.schedule.batch, sizeof(T));
   }
 
@@ -496,10 +501,11 @@ cuda_plan::Path device_plan(int64_t hidden, int64_t batch, int64_t directions,
                             c10::ScalarType dtype, bool backward, int device,
                             const std::string& forced, cuda_plan::PersistentConfig* cfg) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cuda_plan::DeviceLimits dev = device_limits(device);
   cuda_plan::Path path = cuda_plan::Path::kPerStep;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "device_plan", [&] {
-    path = backward ? plan<scalar_t, true>(hidden, batch, directions, device, forced, cfg)
-                    : plan<scalar_t, false>(hidden, batch, directions, device, forced, cfg);
+    path = backward ? plan<scalar_t, true>(hidden, batch, directions, device, dev, forced, cfg)
+                    : plan<scalar_t, false>(hidden, batch, directions, device, dev, forced, cfg);
   });
   return path;
 }
