@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import os
@@ -55,7 +56,8 @@ def test_runner_writes_a_complete_report(device, tmp_path, capsys):
     assert all(r["shape"] in md for r in rows)
     assert ("CUDA path fwd / bwd" in md) == (device == "cuda")
     png = tmp_path / "speedup.png"
-    assert png.exists() and os.path.getsize(png) > 1000
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot's one optional dependency
+        assert png.exists() and os.path.getsize(png) > 1000
     assert "results.json" in capsys.readouterr().out
 
 
