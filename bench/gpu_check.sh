@@ -86,7 +86,11 @@ SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   nvcc --version | tail -n 2 || true
   $PY -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+  # A device may get a copy of the working tree without .git: then say GPU_CHECK_COMMIT=<sha>.
+  if [ -n "${GPU_CHECK_COMMIT:-}" ]; then echo "commit $GPU_CHECK_COMMIT"
+  elif git rev-parse --short HEAD >/dev/null 2>&1; then
+    echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
+  else echo "commit unknown (no .git; set GPU_CHECK_COMMIT)"; fi
 } > "$STATE/env.txt" 2>&1
 cat "$STATE/env.txt" >> "$LOG"
 
