@@ -7,6 +7,8 @@
 #   sanitizer   compute-sanitizer memcheck, racecheck, synccheck over the smoke case (all paths)
 #   bench       against cuDNN: float32 (TF32 off on both sides) and bfloat16, B ∈ {1, 8, 64, 256} ×
 #               H ∈ {256, 512, 1024, 2048}, T = 512, one layer
+#   paths       each CUDA path forced in turn against cuDNN on a B × H grid (bench/paths.py): the
+#               numbers that tune the path heuristic, and where its choice is not the fastest
 #   tests       the rest of the test suite (CPU tests, under this machine's torch; not the slow ones)
 #
 # Usage: bash bench/gpu_check.sh [--stages a,b,...] [--deadline SECONDS] [report-folder]
@@ -16,16 +18,20 @@
 #               such, and the summary is still written.
 #   report-folder  default: $OUT if set, else bench/out/gpu-check.
 # State (each stage's last result, the logs, the bench reports) is kept in $GPU_CHECK_STATE (default
-# bench/out/gpu-check-state) across calls on the same machine, so the check can be spread over several commands, e.g.
-#   bash bench/gpu_check.sh --stages build,smoke,tests-cuda,sanitizer
-#   bash bench/gpu_check.sh --stages build,bench,tests
-# and every call's report folder gets the summary of all stages run so far: summary.md, logs.txt and
-# <dtype>-results.{json,md,png} (8 files at most). Copy it under bench/results/ to commit it.
+# bench/out/gpu-check-state) across calls on the same machine, so the check can be spread over
+# several commands, e.g.
+#   bash bench/gpu_check.sh --stages build,smoke,tests-cuda
+#   bash bench/gpu_check.sh --stages build,sanitizer
+#   bash bench/gpu_check.sh --stages build,bench,paths
+#   bash bench/gpu_check.sh --stages build,tests
+# and every call's report folder gets the summary of all stages run so far: summary.md (with the
+# tables), logs.txt and results.tar.gz (each dtype's results.{json,md,png}, paths.{json,md}): three
+# files, for devices that return few. Unpack it under bench/results/ to commit it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL_STAGES="build smoke tests-cuda sanitizer bench tests"
+ALL_STAGES="build smoke tests-cuda sanitizer bench paths tests"
 # The rows of the summary: the sanitizer and bench stages report each tool and dtype.
-ROWS="build smoke tests-cuda sanitizer-memcheck sanitizer-racecheck sanitizer-synccheck bench-float32 bench-bfloat16 tests"
+ROWS="build smoke tests-cuda sanitizer-memcheck sanitizer-racecheck sanitizer-synccheck bench-float32 bench-bfloat16 paths tests"
 STAGES_ARG=all
 DEADLINE=560
 REPORT=""
@@ -33,7 +39,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --stages) STAGES_ARG=${2:?--stages needs a list}; shift 2 ;;
     --deadline) DEADLINE=${2:?--deadline needs seconds}; shift 2 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
     *) REPORT=$1; shift ;;
   esac
@@ -117,10 +123,14 @@ write_summary() {
     for dtype in float32 bfloat16; do
       if [ -f "$STATE/$dtype-results.md" ]; then echo; cat "$STATE/$dtype-results.md"; fi
     done
+    if [ -f "$STATE/paths/paths.md" ]; then echo; cat "$STATE/paths/paths.md"; fi
   } > "$STATE/summary.md"
+  local results
+  results=$(cd "$STATE" && ls -d ./*-results.* paths/paths.json paths/paths.md 2>/dev/null)
+  if [ -n "$results" ]; then (cd "$STATE" && tar -czf results.tar.gz $results); fi
   if [ "$(cd "$REPORT" && pwd)" != "$(cd "$STATE" && pwd)" ]; then
     cp "$STATE/summary.md" "$LOG" "$REPORT/"
-    for f in "$STATE"/*-results.*; do [ -f "$f" ] && cp "$f" "$REPORT/"; done
+    if [ -f "$STATE/results.tar.gz" ]; then cp "$STATE/results.tar.gz" "$REPORT/"; fi
   fi
 }
 
@@ -149,6 +159,9 @@ for s in $RUN_STAGES; do
         done
       done
       [ $ok = 1 ] ;;
+    paths)
+      rm -rf "$STATE/paths"
+      stage paths "$PY" -m bench.paths --out "$STATE/paths" ;;
     tests) stage tests env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -rfE "${PYTEST_TIMEOUT[@]}" -m "not slow" -k "not cuda" tests ;;
   esac
   [ $? -eq 0 ] || FAILED=1

@@ -76,6 +76,46 @@ def test_runner_judges_half_types_against_float32(tmp_path):
     assert "judged by its error against nn.RNN in float32" in (tmp_path / "results.md").read_text()
 
 
+def test_path_timings_script_on_the_cpu(tmp_path):
+    """bench/paths.py end to end where it can run here (the CPU kernel stands in for the paths)."""
+    from bench import paths
+
+    assert paths.main(["--device", "cpu", "--shapes", "6x2x16", "--dtypes", "float32",
+                       "--reps", "1", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "paths.json").read_text())["rows"]
+    assert row["dtype"] == "float32" and (row["T"], row["B"], row["H"]) == (6, 2, 16)
+    for mode in ("forward", "forward_backward"):
+        assert set(row[mode]) == {"nn.RNN", "fused_rnn"} and row[f"best_{mode}"] == "fused_rnn"
+    assert row["max_abs_diff"]["fused_rnn"] < 1e-5
+    assert "| float32 | T6-B2-H16-L1-uni |" in (tmp_path / "paths.md").read_text()
+
+
+def test_path_timings_flag_where_auto_is_not_the_fastest():
+    """The GPU report's verdict, on made-up timings: a miss only beyond the 10% margin, per mode."""
+    from bench import paths
+
+    def row(auto_fwd, auto_bwd, fwd, fb):
+        return {"dtype": "float32", "shape": "T1-B1-H1-L1-uni",
+                "auto": {"forward": auto_fwd, "backward": auto_bwd},
+                "forward": fwd, "best_forward": min(fwd, key=fwd.get),
+                "forward_backward": fb, "best_forward_backward": min(fb, key=fb.get)}
+
+    times = {"persistent": 1.0, "per_step": 1.05, "per_step_cublas": 2.0}
+    assert paths.misses([row("per_step", "per_step", times, times)]) == []  # within 10%
+    found = paths.misses([row("per_step_cublas", "persistent", times,
+                              dict(times, persistent=3.0))])
+    assert len(found) == 2
+    assert "forward: auto picks per_step_cublas (2000.000 ms), persistent takes 1000.000" in found[0]
+    assert "forward_backward: auto picks persistent (3000.000 ms), per_step takes 1050" in found[1]
+    report = {"meta": {"device": "GPU", "device_type": "cuda", "date": "d", "reps": 1, "warmup": 0,
+                       "versions": {"torch": "x"}},
+              "rows": [dict(row("per_step", "per_step", times, times),
+                            **{"forward": dict(times, **{"nn.RNN": 4.0})},
+                            forward_backward=dict(times, **{"nn.RNN": 4.0}))]}
+    md = paths.markdown(report)
+    assert "| float32 | T1-B1-H1-L1-uni | per_step | 4000.000 | 1000.000 | 1050.000 | 2000.000 |" in md
+
+
 def _run(args, **kwargs):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
 
