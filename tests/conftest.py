@@ -73,8 +73,9 @@ def run_and_grad(module, x, leaves, h0, seed=123):
     out, hn = module(x, h0) if h0 is not None else module(x)
     o = output_tensor(out)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    go = torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)
-    gh = torch.randn(hn.shape, generator=g, dtype=hn.dtype).to(hn.device)
+    # Drawn in float64 and cast, so that runs in different dtypes get the same functional.
+    go = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)
+    gh = torch.randn(hn.shape, generator=g, dtype=torch.float64).to(hn.device, hn.dtype)
     loss = (o * go).sum() + (hn * gh).sum()
     wrt = [p for p in module.parameters()]
     inputs = list(leaves) + ([h0] if h0 is not None else [])
