@@ -10,9 +10,10 @@ namespace fused_rnn::cuda_plan {
 
 std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directions,
                                                 int64_t elem_bytes, const DeviceLimits& dev,
-                                                const KernelRegs& regs) {
+                                                const KernelRegs& regs, int64_t only_rows) {
   if (hidden <= 0 || directions <= 0 || dev.sm_count <= 0) return std::nullopt;
   for (const int64_t rows : kPersistentRowChoices) {
+    if (only_rows != 0 && rows != only_rows) continue;
     // 32 double accumulators per thread spill registers (ptxas report): not built, not planned.
     if (rows == 32 && elem_bytes == 8) continue;
     PersistentConfig c;
@@ -64,16 +65,18 @@ Path per_step_path(int64_t hidden, int64_t batch, int64_t elem_bytes) {
 
 Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem_bytes,
                  const DeviceLimits& dev, const KernelRegs& regs, const std::string& forced,
-                 PersistentConfig* config) {
+                 PersistentConfig* config, int64_t only_rows) {
   TORCH_CHECK(valid_path_name(forced), "fused_rnn: CUDA path must be ", kPathNames, ", got '",
               forced, "'");
   if (forced == "per_step") return Path::kPerStep;
   if (forced == "per_step_cublas") return Path::kPerStepCublas;
-  const auto plan = plan_persistent(hidden, directions, elem_bytes, dev, regs);
+  const auto plan = plan_persistent(hidden, directions, elem_bytes, dev, regs, only_rows);
   if (forced == "persistent") {
     TORCH_CHECK(plan.has_value(), "fused_rnn: the persistent path was forced, but W_hh (hidden ",
                 hidden, ", ", directions, " direction(s), ", elem_bytes,
-                "-byte elements) does not fit on-chip across ", dev.sm_count, " SMs");
+                "-byte elements) does not fit on-chip across ", dev.sm_count, " SMs",
+                only_rows != 0 ? " with the rows per block forced to " : "",
+                only_rows != 0 ? std::to_string(only_rows) : std::string());
     *config = *plan;
     return Path::kPersistent;
   }
@@ -127,5 +130,18 @@ std::string forced_path() {
   std::lock_guard<std::mutex> lock(path_mutex());
   return path_value();
 }
+
+namespace {
+std::atomic<int64_t> rows_value{0};
+}  // namespace
+
+void set_forced_rows(int64_t rows) {
+  TORCH_CHECK(rows == 0 || rows == 8 || rows == 16 || rows == 32,
+              "fused_rnn: persistent rows per block must be 0 (the planner's choice), 8, 16 or 32, "
+              "got ", rows);
+  rows_value.store(rows, std::memory_order_relaxed);
+}
+
+int64_t forced_rows() { return rows_value.load(std::memory_order_relaxed); }
 
 }  // namespace fused_rnn::cuda_plan

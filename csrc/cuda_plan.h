@@ -66,20 +66,21 @@ constexpr int64_t kStepTile = 64;
 constexpr int64_t kStepThreads = 256;
 
 // The persistent configuration with the most blocks that fits (shared memory per block and per SM,
-// threads and registers per SM, co-residency of the whole grid), or none.
+// threads and registers per SM, co-residency of the whole grid), or none. `only_rows` (8, 16 or 32;
+// 0 = any) restricts the rows per block, for tests of each kernel variant.
 std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directions,
                                                 int64_t elem_bytes, const DeviceLimits& dev,
-                                                const KernelRegs& regs);
+                                                const KernelRegs& regs, int64_t only_rows = 0);
 
 // Which per-step variant runs a layer: cuBLAS + epilogue, or the fused tile kernel.
 Path per_step_path(int64_t hidden, int64_t batch, int64_t elem_bytes);
 
 // The path for a layer: persistent when it fits and the batch is small enough, else per-step.
 // `forced` is "auto", "persistent", "per_step" or "per_step_cublas"; forcing persistent where it
-// cannot run throws.
+// cannot run throws. `only_rows` as for plan_persistent.
 Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem_bytes,
                  const DeviceLimits& dev, const KernelRegs& regs, const std::string& forced,
-                 PersistentConfig* config);
+                 PersistentConfig* config, int64_t only_rows = 0);
 
 // Blocks of the per-step kernel for `rows` × `hidden` outputs: row tiles on x (limit 2^31 − 1),
 // column tiles on y (limit 65535, so H ≤ 4,194,240).
@@ -107,5 +108,9 @@ int64_t last_rows_per_block(bool backward);
 // and benchmarks.
 void set_forced_path(const std::string& path);
 std::string forced_path();
+// The process-wide restriction of the persistent kernel's rows per block (0 = the planner's
+// choice; 8, 16 or 32), for tests that run each kernel variant at small sizes.
+void set_forced_rows(int64_t rows);
+int64_t forced_rows();
 
 }  // namespace fused_rnn::cuda_plan

@@ -33,6 +33,13 @@ TORCH_LIBRARY(fused_rnn, m) {
 
 namespace {
 
+// A C++ exception as a Python one of `type`, with c10's message but not its C++ backtrace.
+PyObject* raise(PyObject* type, const std::exception& e) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+  PyErr_SetString(type, c10_error != nullptr ? c10_error->what_without_backtrace() : e.what());
+  return nullptr;
+}
+
 PyObject* cpu_gemm_path(PyObject*, PyObject*) {
   return PyUnicode_FromString(fused_rnn::cpu::gemm_path());
 }
@@ -71,7 +78,7 @@ PyObject* config_tuple(fused_rnn::cuda_plan::Path path,
 
 // plan_cuda_path(hidden, batch, directions, elem_bytes, sm_count, smem_per_sm,
 //                smem_per_block_optin, max_threads_per_sm, regs_per_sm,
-//                regs_rows8, regs_rows16, regs_rows32, forced)
+//                regs_rows8, regs_rows16, regs_rows32, forced, only_rows)
 //   -> (path, rows_per_block, blocks_per_direction, threads, smem_bytes)
 PyObject* plan_cuda_path(PyObject*, PyObject* args) {
   long long hidden, batch, directions, elem_bytes;
@@ -79,9 +86,10 @@ PyObject* plan_cuda_path(PyObject*, PyObject* args) {
   fused_rnn::cuda_plan::KernelRegs regs{};
   long long sm, smem_sm, smem_block, threads_sm, regs_sm, r8, r16, r32;
   const char* forced = "auto";
-  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLL|s", &hidden, &batch, &directions, &elem_bytes, &sm,
+  long long only_rows = 0;
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLL|sL", &hidden, &batch, &directions, &elem_bytes, &sm,
                         &smem_sm, &smem_block, &threads_sm, &regs_sm, &r8, &r16, &r32,
-                        &forced)) {
+                        &forced, &only_rows)) {
     return nullptr;
   }
   dev = {sm, smem_sm, smem_block, threads_sm, regs_sm};
@@ -89,11 +97,10 @@ PyObject* plan_cuda_path(PyObject*, PyObject* args) {
   try {
     fused_rnn::cuda_plan::PersistentConfig cfg;
     const auto path = fused_rnn::cuda_plan::choose_path(hidden, batch, directions, elem_bytes, dev,
-                                                        regs, forced, &cfg);
+                                                        regs, forced, &cfg, only_rows);
     return config_tuple(path, cfg);
   } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
+    return raise(PyExc_RuntimeError, e);
   }
 }
 
@@ -103,10 +110,24 @@ PyObject* set_cuda_path(PyObject*, PyObject* args) {
   try {
     fused_rnn::cuda_plan::set_forced_path(path);
   } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
-    return nullptr;
+    return raise(PyExc_ValueError, e);
   }
   Py_RETURN_NONE;
+}
+
+PyObject* set_persistent_rows(PyObject*, PyObject* args) {
+  long long rows;
+  if (!PyArg_ParseTuple(args, "L", &rows)) return nullptr;
+  try {
+    fused_rnn::cuda_plan::set_forced_rows(rows);
+  } catch (const std::exception& e) {
+    return raise(PyExc_ValueError, e);
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* get_persistent_rows(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(fused_rnn::cuda_plan::forced_rows());
 }
 
 PyObject* get_cuda_path(PyObject*, PyObject*) {
@@ -148,8 +169,7 @@ PyObject* device_cuda_plan(PyObject*, PyObject* args) {
                                                    device, forced, &cfg);
     return config_tuple(path, cfg);
   } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
+    return raise(PyExc_RuntimeError, e);
   }
 #else
   PyErr_SetString(PyExc_RuntimeError, "fused_rnn: this build has no CUDA kernels");
@@ -163,6 +183,10 @@ PyMethodDef methods[] = {
     {"set_cuda_path", set_cuda_path, METH_VARARGS,
      "Force the CUDA recurrence path: 'auto', 'persistent', 'per_step' or 'per_step_cublas'."},
     {"get_cuda_path", get_cuda_path, METH_NOARGS, "The forced CUDA path ('auto' unless set)."},
+    {"set_persistent_rows", set_persistent_rows, METH_VARARGS,
+     "Restrict the persistent kernel's rows per block: 0 (the planner's choice), 8, 16 or 32."},
+    {"get_persistent_rows", get_persistent_rows, METH_NOARGS,
+     "The persistent kernel's forced rows per block (0 unless set)."},
     {"last_cuda_paths", last_cuda_paths, METH_NOARGS,
      "(forward, backward, forward rows per block, backward rows per block): the paths the latest "
      "CUDA recurrences ran on ('' before any) and the persistent kernel's rows per block (0 "

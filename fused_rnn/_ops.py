@@ -128,6 +128,22 @@ def get_cuda_path() -> str:
     return _C.get_cuda_path() if _C is not None else "auto"
 
 
+@contextlib.contextmanager
+def persistent_rows(rows: int) -> Iterator[None]:
+    """Restrict the persistent kernel to `rows` rows of W_hh per block (8, 16 or 32; 0 = the
+    planner's choice) inside the block, so that tests run each kernel variant at small sizes.
+    Where no block of that size fits, auto takes a per-step path and forced persistent raises."""
+    if _C is None:
+        yield
+        return
+    previous = _C.get_persistent_rows()
+    _C.set_persistent_rows(rows)
+    try:
+        yield
+    finally:
+        _C.set_persistent_rows(previous)
+
+
 def last_cuda_paths() -> dict:
     """The paths the latest CUDA recurrences ran on, after any fallback: {"forward": ...,
     "backward": ...}, each "" until one has run (benchmarks and tests read it)."""
@@ -185,12 +201,12 @@ def cuda_path(path: str) -> Iterator[None]:
 
 
 def plan_cuda_path(hidden: int, batch: int, directions: int, dtype: torch.dtype,
-                   props: dict, forced: str = "auto") -> dict:
+                   props: dict, forced: str = "auto", rows_per_block: int = 0) -> dict:
     """The CUDA path the extension picks for a layer, from device properties given as a dict with
     sm_count, smem_per_sm, smem_per_block_optin, max_threads_per_sm, regs_per_sm, and optionally
     regs_per_thread of the persistent kernel (an int, or a dict by rows per block 8/16/32), real or
-    made up: no GPU is needed. Returns path, rows_per_block, blocks_per_direction, threads,
-    smem_bytes."""
+    made up: no GPU is needed; rows_per_block restricts the persistent blocks as persistent_rows
+    does (0: any). Returns path, rows_per_block, blocks_per_direction, threads, smem_bytes."""
     if _C is None:
         raise RuntimeError("fused_rnn: the native extension is not loaded")
     elem = torch.empty(0, dtype=dtype).element_size()
@@ -200,7 +216,7 @@ def plan_cuda_path(hidden: int, batch: int, directions: int, dtype: torch.dtype,
     path, rows, blocks, threads, smem = _C.plan_cuda_path(
         hidden, batch, directions, elem, props["sm_count"], props["smem_per_sm"],
         props["smem_per_block_optin"], props["max_threads_per_sm"], props["regs_per_sm"],
-        regs.get(8, 0), regs.get(16, 0), regs.get(32, 0), forced)
+        regs.get(8, 0), regs.get(16, 0), regs.get(32, 0), forced, rows_per_block)
     return {"path": path, "rows_per_block": rows, "blocks_per_direction": blocks,
             "threads": threads, "smem_bytes": smem}
 

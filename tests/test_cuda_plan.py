@@ -130,3 +130,27 @@ def test_process_wide_override_round_trips():
     assert _ops.get_cuda_path() == "auto"
     with pytest.raises(ValueError):
         _ops.set_cuda_path("nope")
+
+
+def test_rows_per_block_can_be_restricted_for_tests():
+    """persistent_rows / rows_per_block: each kernel variant at small sizes (a partial last block
+    included), none where that block size cannot run (32 rows of float64 are not built)."""
+    for rows in (8, 16, 32):
+        p = _ops.plan_cuda_path(100, 70, 2, torch.float32, H100, "persistent", rows)
+        assert p["rows_per_block"] == rows and p["blocks_per_direction"] == -(-100 // rows)
+    assert _ops.plan_cuda_path(100, 4, 1, torch.float64, H100, "auto", 32)["path"] == "per_step"
+    with pytest.raises(RuntimeError, match="with the rows per block forced to 32") as info:
+        _ops.plan_cuda_path(100, 4, 1, torch.float64, H100, "persistent", 32)
+    assert "Exception raised from" not in str(info.value)  # c10's message, not its C++ backtrace
+    # Without a restriction the planner still takes the most blocks that fit.
+    assert _ops.plan_cuda_path(100, 4, 1, torch.float32, H100)["rows_per_block"] == 8
+
+
+def test_persistent_rows_setting_is_checked_and_restored():
+    assert _ops._C.get_persistent_rows() == 0
+    with _ops.persistent_rows(16):
+        assert _ops._C.get_persistent_rows() == 16
+        with pytest.raises(ValueError, match="must be 0 .* 8, 16 or 32, got 12"):
+            _ops._C.set_persistent_rows(12)
+        assert _ops._C.get_persistent_rows() == 16
+    assert _ops._C.get_persistent_rows() == 0

@@ -90,7 +90,7 @@ cuda_plan::Path plan(int64_t hidden, int64_t batch, int64_t directions, int devi
                      cuda_plan::PersistentConfig* cfg) {
   const cuda_plan::Path path = cuda_plan::choose_path(
       hidden, batch, directions, sizeof(T), dev, persistent_kernel_regs<T, kBackward>(), forced,
-      cfg);
+      cfg, cuda_plan::forced_rows());
   if (path != cuda_plan::Path::kPersistent) return path;
   int cooperative = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
