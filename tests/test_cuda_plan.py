@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -154,3 +158,20 @@ def test_persistent_rows_setting_is_checked_and_restored():
             _ops._C.set_persistent_rows(12)
         assert _ops._C.get_persistent_rows() == 16
     assert _ops._C.get_persistent_rows() == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs tests/test_cuda.py itself")
+def test_cuda_tests_hold_on_the_cpu_kernels():
+    """tests/test_cuda.py's own logic, run on the CPU kernels (FUSED_RNN_CUDA_TESTS_ON=cpu): what
+    they compare, with which tolerance, must hold for a correct implementation, so that on the day
+    a GPU runs them a failure means the kernels. (Run this way, they caught gradients compared
+    against the wrong list, cotangents drawn differently per dtype and float32 bounds too tight
+    for long sums, none of which a GPU had seen yet.)"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.join("tests", "test_cuda.py")], cwd=root, capture_output=True,
+                         text=True, env=dict(os.environ, FUSED_RNN_CUDA_TESTS_ON="cpu"),
+                         timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    passed = int(res.stdout.strip().splitlines()[-1].split(" passed")[0].split()[-1])
+    assert passed > 400, res.stdout[-500:]
