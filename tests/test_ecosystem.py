@@ -85,9 +85,14 @@ def test_autocast_behaves_as_nn_rnn(device, dtype):
     (o1, h1, g1), (o2, h2, g2) = results
     assert o2.dtype == o1.dtype == dtype and h2.dtype == h1.dtype == dtype
     assert g2.dtype == g1.dtype == torch.float32
-    tol = dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(o2.float(), o1.float(), **tol)
-    torch.testing.assert_close(g2, g1, **tol)
+    # The values, judged as the half-type kernels are: each side's error against nn.RNN in float32
+    # (no autocast); ours at most twice nn.RNN's own, plus an eighth of the dtype's epsilon.
+    out, hn = ref(x)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    for want, theirs, ours in ((out, o1, o2), (hn, h1, h2), (g, g1, g2)):
+        err_theirs = (theirs.float() - want).abs().max().item()
+        err_ours = (ours.float() - want).abs().max().item()
+        assert err_ours <= 2 * err_theirs + torch.finfo(dtype).eps / 8, (err_ours, err_theirs)
 
 
 def test_autocast_does_not_touch_float64_and_errors_like_nn_rnn():
