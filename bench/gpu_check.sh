@@ -4,9 +4,10 @@
 #   smoke       every CUDA path on a small packed/padded, tanh/relu, 2-layer bidirectional case,
 #               forward + backward against float64 nn.RNN (bench/sanitize_case.py): runs, ends, agrees
 #   tests-cuda  the CUDA tests (pytest -k cuda)
-#   sanitizer   compute-sanitizer memcheck, racecheck, synccheck over the smoke case (all paths)
+#   sanitizer   compute-sanitizer memcheck, racecheck, synccheck over the smoke case (all paths);
+#               also one tool at a time: sanitizer-memcheck, sanitizer-racecheck, sanitizer-synccheck
 #   bench       against cuDNN: float32 (TF32 off on both sides) and bfloat16, B ∈ {1, 8, 64, 256} ×
-#               H ∈ {256, 512, 1024, 2048}, T = 512, one layer
+#               H ∈ {256, 512, 1024, 2048}, T = 512, one layer; also bench-float32, bench-bfloat16
 #   paths       each CUDA path forced in turn against cuDNN on a B × H grid (bench/paths.py): the
 #               numbers that tune the path heuristic, and where its choice is not the fastest
 #   tests       the rest of the test suite (CPU tests, under this machine's torch; not the slow ones)
@@ -18,20 +19,21 @@
 #               such, and the summary is still written.
 #   report-folder  default: $OUT if set, else bench/out/gpu-check.
 # State (each stage's last result, the logs, the bench reports) is kept in $GPU_CHECK_STATE (default
-# bench/out/gpu-check-state) across calls on the same machine, so the check can be spread over
-# several commands, e.g.
-#   bash bench/gpu_check.sh --stages build,smoke,tests-cuda
-#   bash bench/gpu_check.sh --stages build,sanitizer
-#   bash bench/gpu_check.sh --stages build,bench,paths
-#   bash bench/gpu_check.sh --stages build,tests
+# bench/out/gpu-check-state) across calls while the machine stays up, so the check can be spread
+# over several commands (a machine given back in between starts bare: keep every call's report),
+#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,smoke,tests-cuda,bench
+#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,sanitizer
+#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,paths,tests
 # and every call's report folder gets the summary of all stages run so far: summary.md (with the
-# tables), logs.txt and results.tar.gz (each dtype's results.{json,md,png}, paths.{json,md}): three
-# files, for devices that return few. Unpack it under bench/results/ to commit it.
+# tables), logs.txt and results.tar.gz (each dtype's results .json/.md and speedup .png, paths
+# .json/.md): three files, for devices that return few. Unpack it under bench/results/ to commit.
+# The bench and paths reports are written after every shape, so a stage cut at the deadline keeps
+# what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL_STAGES="build smoke tests-cuda sanitizer bench paths tests"
-# The rows of the summary: the sanitizer and bench stages report each tool and dtype.
+# The stages, in order; "sanitizer" and "bench" stand for their tools and dtypes.
 ROWS="build smoke tests-cuda sanitizer-memcheck sanitizer-racecheck sanitizer-synccheck bench-float32 bench-bfloat16 paths tests"
+ALL_STAGES="$ROWS sanitizer bench"
 STAGES_ARG=all
 DEADLINE=560
 REPORT=""
@@ -44,9 +46,16 @@ while [ $# -gt 0 ]; do
     *) REPORT=$1; shift ;;
   esac
 done
-if [ "$STAGES_ARG" = all ]; then RUN_STAGES=$ALL_STAGES; else RUN_STAGES=${STAGES_ARG//,/ }; fi
-for s in $RUN_STAGES; do
-  case " $ALL_STAGES " in *" $s "*) ;; *) echo "gpu_check: unknown stage '$s' (stages: $ALL_STAGES)" >&2; exit 2 ;; esac
+if [ "$STAGES_ARG" = all ]; then ASKED=$ROWS; else ASKED=${STAGES_ARG//,/ }; fi
+RUN_STAGES=""
+for s in $ASKED; do
+  case $s in
+    sanitizer) RUN_STAGES="$RUN_STAGES sanitizer-memcheck sanitizer-racecheck sanitizer-synccheck" ;;
+    bench) RUN_STAGES="$RUN_STAGES bench-float32 bench-bfloat16" ;;
+    *)
+      case " $ROWS " in *" $s "*) RUN_STAGES="$RUN_STAGES $s" ;;
+        *) echo "gpu_check: unknown stage '$s' (stages: $ALL_STAGES)" >&2; exit 2 ;; esac ;;
+  esac
 done
 REPORT=${REPORT:-${OUT:-bench/out/gpu-check}}
 STATE=${GPU_CHECK_STATE:-bench/out/gpu-check-state}
@@ -59,9 +68,10 @@ touch "$STATUS"
 
 remaining() { echo $((DEADLINE - SECONDS)); }
 
-stage() {  # stage NAME COMMAND...: run under the deadline, log, record the result
+stage() {  # stage NAME COMMAND...: run under the deadline (and $STAGE_CAP s), log, record the result
   local name=$1; shift
   local left; left=$(remaining)
+  if [ -n "${STAGE_CAP:-}" ] && [ "$STAGE_CAP" -lt "$left" ]; then left=$STAGE_CAP; fi
   local result t0=$SECONDS
   echo "== $name: $*" | tee -a "$LOG"
   if [ "$left" -lt 20 ]; then
@@ -83,7 +93,7 @@ stage() {  # stage NAME COMMAND...: run under the deadline, log, record the resu
 # (pytest loads the plugin itself, as "timeout": naming it again with -p stops pytest at start.)
 PYTEST_TIMEOUT=()
 if $PY -c "import pytest_timeout" 2>/dev/null; then
-  PYTEST_TIMEOUT=(--timeout=300 --timeout-method=thread)
+  PYTEST_TIMEOUT=(--timeout=120 --timeout-method=thread)
 fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 
@@ -126,7 +136,8 @@ write_summary() {
     if [ -f "$STATE/paths/paths.md" ]; then echo; cat "$STATE/paths/paths.md"; fi
   } > "$STATE/summary.md"
   local results
-  results=$(cd "$STATE" && ls -d ./*-results.* paths/paths.json paths/paths.md 2>/dev/null)
+  results=$(cd "$STATE" && ls -d ./*-results.* ./*-speedup.png paths/paths.json paths/paths.md \
+    2>/dev/null)
   if [ -n "$results" ]; then (cd "$STATE" && tar -czf results.tar.gz $results); fi
   if [ "$(cd "$REPORT" && pwd)" != "$(cd "$STATE" && pwd)" ]; then
     cp "$STATE/summary.md" "$LOG" "$REPORT/"
@@ -134,35 +145,47 @@ write_summary() {
   fi
 }
 
+# Moves a report folder's files into the state once its stage has run (cut short too: the reports
+# are written after every shape), replacing the previous ones: publish FROM PREFIX FILE...
+publish() {
+  local from=$1 prefix=$2; shift 2
+  [ -f "$from/$1" ] || return 0
+  for f in "$@"; do rm -f "$STATE/$prefix$f"; [ -f "$from/$f" ] && cp "$from/$f" "$STATE/$prefix$f"; done
+  return 0
+}
+
 FAILED=0
 for s in $RUN_STAGES; do
   case $s in
     build) stage build "$PY" -m pip install --no-build-isolation --no-deps -v -e . ;;
-    smoke) stage smoke "$PY" bench/sanitize_case.py --path all ;;
-    tests-cuda) stage tests-cuda env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -rfE "${PYTEST_TIMEOUT[@]}" -k cuda tests ;;
-    sanitizer)
+    # A hang (say, a grid barrier that never opens) must not eat the call: smoke normally takes
+    # seconds.
+    smoke) STAGE_CAP=150 stage smoke "$PY" bench/sanitize_case.py --path all ;;
+    # -v: the log names the test that was running if the stage is cut.
+    tests-cuda) stage tests-cuda env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -v -p no:cacheprovider \
+      -rfEs --durations=15 "${PYTEST_TIMEOUT[@]}" -k cuda tests ;;
+    sanitizer-*)
       # Without torch's caching allocator, so that every tensor is its own allocation and an access
-      # past one is not hidden inside a cached segment.
-      ok=1
-      for tool in memcheck racecheck synccheck; do
-        stage "sanitizer-$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
-          --error-exitcode 3 "$PY" bench/sanitize_case.py --path all || ok=0
-      done
-      [ $ok = 1 ] ;;
-    bench)
-      ok=1
-      for dtype in float32 bfloat16; do
-        rm -rf "$STATE/bench-$dtype" "$STATE/$dtype"-results.*
-        stage "bench-$dtype" "$PY" -m bench.run --device cuda --dtype "$dtype" --layers 1 --bidirectional no --out "$STATE/bench-$dtype" || ok=0
-        for f in results.json results.md speedup.png; do
-          [ -f "$STATE/bench-$dtype/$f" ] && cp "$STATE/bench-$dtype/$f" "$STATE/$dtype-$f"
-        done
-      done
-      [ $ok = 1 ] ;;
+      # past one is not hidden inside a cached segment; our kernels only (no cuDNN beside them).
+      stage "$s" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "${s#sanitizer-}" \
+        --error-exitcode 3 "$PY" bench/sanitize_case.py --path all --run-only ;;
+    bench-*)
+      dtype=${s#bench-}
+      rm -rf "$STATE/run-$dtype"
+      stage "$s" "$PY" -m bench.run --device cuda --dtype "$dtype" --layers 1 --bidirectional no \
+        --out "$STATE/run-$dtype"
+      rc=$?
+      publish "$STATE/run-$dtype" "$dtype-" results.json results.md speedup.png
+      [ $rc -eq 0 ] ;;
     paths)
-      rm -rf "$STATE/paths"
-      stage paths "$PY" -m bench.paths --out "$STATE/paths" ;;
-    tests) stage tests env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -rfE "${PYTEST_TIMEOUT[@]}" -m "not slow" -k "not cuda" tests ;;
+      rm -rf "$STATE/run-paths"
+      stage paths "$PY" -m bench.paths --out "$STATE/run-paths"
+      rc=$?
+      mkdir -p "$STATE/paths"
+      publish "$STATE/run-paths" "paths/" paths.json paths.md
+      [ $rc -eq 0 ] ;;
+    tests) stage tests env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+      "${PYTEST_TIMEOUT[@]}" -m "not slow" -k "not cuda" tests ;;
   esac
   [ $? -eq 0 ] || FAILED=1
   write_summary

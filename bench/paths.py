@@ -61,8 +61,8 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
         want = ref(x)[0].double()
     for mode, make in MODES.items():
         fns = {"nn.RNN": make(ref, x)}
-        for path in (PATHS if cuda else (None,)):
-            name = path or "fused_rnn"
+        for path in (PATHS + (None,) if cuda else (None,)):
+            name = path or ("auto" if cuda else "fused_rnn")
             candidate = forced(make(fused, x), path)
             try:
                 candidate()
@@ -77,24 +77,23 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
         names = list(fns)
         row[mode] = dict(zip(names, interleaved_medians([fns[n] for n in names], device, reps,
                                                         warmup)))
-        ours = {n: t for n, t in row[mode].items() if n != "nn.RNN"}
+        ours = {n: t for n, t in row[mode].items() if n not in ("nn.RNN", "auto")}
         row[f"best_{mode}"] = min(ours, key=ours.get)
     return row
 
 
 def misses(rows: List[Dict]) -> List[str]:
-    """Shapes where the heuristic's forward or backward choice is MISS_MARGIN slower than the best
-    path, as text lines."""
+    """Shapes where the heuristic's own run (the "auto" column: its forward and backward choices,
+    which may differ) is MISS_MARGIN slower than the best single path, as text lines."""
     out = []
     for r in rows:
         if "auto" not in r:
             continue
         for mode, kind in (("forward", "forward"), ("forward_backward", "backward")):
-            auto, best = r["auto"][kind], r[f"best_{mode}"]
-            t = r[mode]
-            if auto in t and t[auto] > MISS_MARGIN * t[best]:
-                out.append(f"{r['dtype']} {r['shape']} {mode}: auto picks {auto} "
-                           f"({t[auto] * 1e3:.3f} ms), {best} takes {t[best] * 1e3:.3f} ms")
+            best, t = r[f"best_{mode}"], r[mode]
+            if "auto" in t and t["auto"] > MISS_MARGIN * t[best]:
+                out.append(f"{r['dtype']} {r['shape']} {mode}: auto ({r['auto'][kind]}) takes "
+                           f"{t['auto'] * 1e3:.3f} ms, {best} {t[best] * 1e3:.3f} ms")
     return out
 
 
@@ -103,10 +102,10 @@ def markdown(report: Dict) -> str:
     lines = [f"# fused_rnn CUDA paths vs nn.RNN — {m['device']} — {m['date']}", "",
              f"torch {m['versions']['torch']}, TF32 off, medians of {m['reps']} interleaved runs "
              f"after {m['warmup']} warm-up; ms; '—' where a path cannot run (W_hh off-chip).", ""]
-    names = [p for p in PATHS] if m["device_type"] == "cuda" else ["fused_rnn"]
+    names = [*PATHS, "auto"] if m["device_type"] == "cuda" else ["fused_rnn"]
     for mode in MODES:
         lines += [f"## {mode.replace('_', '+')}", "",
-                  "| dtype | shape | auto | nn.RNN | " + " | ".join(names) + " | best |",
+                  "| dtype | shape | auto's path | nn.RNN | " + " | ".join(names) + " | best |",
                   "|---|---|---|---|" + "---|" * len(names) + "---|"]
         for r in report["rows"]:
             t = r[mode]
@@ -146,24 +145,26 @@ def main(argv=None) -> int:
         sizes = [(args.steps, b, h) for h, b in itertools.product(hs, bs)]
     shapes = [Shape(t, b, h, 1, args.bidirectional) for t, b, h in sizes]
     dtypes = [d for d in args.dtypes.split(",") if d]
-    rows = []
+    name, driver = device_name(device)
+    meta = {"device": name, "device_type": device.split(":")[0], "driver": driver,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "reps": args.reps, "warmup": args.warmup, "versions": versions()}
+    os.makedirs(args.out, exist_ok=True)
+    rows: List[Dict] = []
     total = len(shapes) * len(dtypes)
     for i, (dtype, shape) in enumerate(itertools.product(dtypes, shapes)):
         sys.stderr.write(progress(i, total, f"{dtype} {shape.label}"))
         sys.stderr.flush()
         row = measure(shape, device, DTYPES[dtype], args.reps, args.warmup)
         rows.append({"dtype": dtype, **row})
+        # After every row (partial until the last): a run cut short keeps what it measured.
+        report = {"meta": dict(meta, partial=len(rows) < total), "rows": rows,
+                  "misses": misses(rows)}
+        with open(os.path.join(args.out, "paths.json"), "w") as f:
+            json.dump(report, f, indent=1)
     sys.stderr.write(progress(total, total, "done") + "\n")
-
-    name, driver = device_name(device)
-    report = {"meta": {"device": name, "device_type": device.split(":")[0], "driver": driver,
-                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                           timespec="seconds"),
-                       "reps": args.reps, "warmup": args.warmup, "versions": versions()},
-              "rows": rows, "misses": misses(rows)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "paths.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    if not rows:
+        raise SystemExit("bench.paths: no shapes to measure")
     md = markdown(report)
     with open(os.path.join(args.out, "paths.md"), "w") as f:
         f.write(md)

@@ -220,23 +220,24 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
 
     gemm = gemm_gflops(device, dtype) if not device.startswith("cuda") else 0.0
-    rows = []
+    meta = {"device": name, "device_type": device.split(":")[0], "driver": driver,
+            "date": now.isoformat(timespec="seconds"), "dtype": args.dtype,
+            "tf32": bool(args.tf32), "reps": args.reps, "warmup": args.warmup,
+            "threads": torch.get_num_threads(), "versions": versions()}
+    rows: List[Dict] = []
     for i, shape in enumerate(shapes):
         sys.stderr.write(progress(i, len(shapes), shape.label))
         sys.stderr.flush()
         rows.append(measure(shape, device, dtype, args.reps, args.warmup))
+        # After every shape (marked partial until the last): a run cut short keeps what it measured.
+        report = {"meta": dict(meta, partial=len(rows) < len(shapes)), "rows": rows,
+                  "summary": summarize(rows, gemm, device)}
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(report, f, indent=1)
     sys.stderr.write(progress(len(shapes), len(shapes), "done") + "\n")
+    if not rows:
+        raise SystemExit("bench.run: no shapes to measure")
 
-    report = {
-        "meta": {"device": name, "device_type": device.split(":")[0], "driver": driver,
-                 "date": now.isoformat(timespec="seconds"), "dtype": args.dtype,
-                 "tf32": bool(args.tf32), "reps": args.reps, "warmup": args.warmup,
-                 "threads": torch.get_num_threads(), "versions": versions()},
-        "rows": rows,
-        "summary": summarize(rows, gemm, device),
-    }
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
     md = markdown(report)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)

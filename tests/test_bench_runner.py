@@ -91,29 +91,35 @@ def test_path_timings_script_on_the_cpu(tmp_path):
 
 
 def test_path_timings_flag_where_auto_is_not_the_fastest():
-    """The GPU report's verdict, on made-up timings: a miss only beyond the 10% margin, per mode."""
+    """The GPU report's verdict, on made-up timings: the heuristic's own run ("auto") against the
+    best forced path, a miss only beyond the 10% margin, per mode."""
     from bench import paths
 
     def row(auto_fwd, auto_bwd, fwd, fb):
+        best = {m: min((n for n in t if n not in ("nn.RNN", "auto")), key=t.get)
+                for m, t in (("forward", fwd), ("forward_backward", fb))}
         return {"dtype": "float32", "shape": "T1-B1-H1-L1-uni",
                 "auto": {"forward": auto_fwd, "backward": auto_bwd},
-                "forward": fwd, "best_forward": min(fwd, key=fwd.get),
-                "forward_backward": fb, "best_forward_backward": min(fb, key=fb.get)}
+                "forward": fwd, "best_forward": best["forward"],
+                "forward_backward": fb, "best_forward_backward": best["forward_backward"]}
 
-    times = {"persistent": 1.0, "per_step": 1.05, "per_step_cublas": 2.0}
-    assert paths.misses([row("per_step", "per_step", times, times)]) == []  # within 10%
-    found = paths.misses([row("per_step_cublas", "persistent", times,
-                              dict(times, persistent=3.0))])
-    assert len(found) == 2
-    assert "forward: auto picks per_step_cublas (2000.000 ms), persistent takes 1000.000" in found[0]
-    assert "forward_backward: auto picks persistent (3000.000 ms), per_step takes 1050" in found[1]
+    times = {"nn.RNN": 4.0, "persistent": 1.0, "per_step": 1.05, "per_step_cublas": 2.0}
+    ok = row("persistent", "per_step", dict(times, auto=1.08), dict(times, auto=1.1))
+    assert paths.misses([ok]) == []  # within 10% of the best
+    slow = row("per_step_cublas", "persistent", dict(times, auto=2.0),
+               dict(times, persistent=3.0, auto=3.0))
+    found = paths.misses([slow])
+    assert found == [
+        "float32 T1-B1-H1-L1-uni forward: auto (per_step_cublas) takes 2000.000 ms, "
+        "persistent 1000.000 ms",
+        "float32 T1-B1-H1-L1-uni forward_backward: auto (persistent) takes 3000.000 ms, "
+        "per_step 1050.000 ms"]
     report = {"meta": {"device": "GPU", "device_type": "cuda", "date": "d", "reps": 1, "warmup": 0,
-                       "versions": {"torch": "x"}},
-              "rows": [dict(row("per_step", "per_step", times, times),
-                            **{"forward": dict(times, **{"nn.RNN": 4.0})},
-                            forward_backward=dict(times, **{"nn.RNN": 4.0}))]}
+                       "versions": {"torch": "x"}}, "rows": [ok]}
     md = paths.markdown(report)
-    assert "| float32 | T1-B1-H1-L1-uni | per_step | 4000.000 | 1000.000 | 1050.000 | 2000.000 |" in md
+    assert ("| float32 | T1-B1-H1-L1-uni | persistent | 4000.000 | 1000.000 | 1050.000 | 2000.000 "
+            "| 1080.000 | persistent |") in md
+    assert "0 case(s)" in md
 
 
 def _run(args, **kwargs):

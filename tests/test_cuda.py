@@ -354,21 +354,31 @@ def test_long_sequence_every_path_agrees():
 
 @gpu_only
 def test_caller_stream_is_honoured_every_path(path):
-    """The ops run on the caller's current stream, and the per-step paths' second stream waits for
-    it: the input is written on that stream after a long sleep, so an op on any other stream, or a
-    side stream that does not wait, reads it unwritten."""
+    """Forward and backward run on the caller's current stream, and the per-step paths' second
+    stream waits for it: on that stream a long sleep comes first, then the input is written, then
+    forward and backward are queued, with nothing in between that waits for the stream (the
+    cotangents are on the device beforehand) — an op on any other stream, or a side stream that
+    does not wait, reads inputs or gradients not yet written."""
     ref, fused = make_pair(8, 100, 2, dtype=torch.float64, device=DEV, bidirectional=True)
     x0 = torch.randn(7, 70, 8, dtype=torch.float64, device=DEV)
-    x_ref = x0.clone().requires_grad_()
-    want = run_and_grad(ref, x_ref, [x_ref], None)
+    go = torch.randn(7, 70, 200, dtype=torch.float64, device=DEV)
+    gh = torch.randn(4, 70, 100, dtype=torch.float64, device=DEV)
+
+    def run(module, x):
+        out, hn = module(x)
+        loss = (out * go).sum() + (hn * gh).sum()
+        return (out, hn, *torch.autograd.grad(loss, [x, *module.parameters()]))
+
+    want = run(ref, x0.clone().requires_grad_())
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        torch.cuda._sleep(50_000_000)
+        torch.cuda._sleep(100_000_000)
         x = (x0 * 1).requires_grad_()  # written on s, after the sleep
-        got = run_and_grad(fused, x, [x], None)
+        got = run(fused, x)
     torch.cuda.current_stream().wait_stream(s)
-    _assert_all_close(got, want, torch.float64)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, torch.float64, f"result {i}")
 
 
 @gpu_only
