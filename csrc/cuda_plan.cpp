@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <iterator>
 #include <mutex>
 
 namespace fused_rnn::cuda_plan {
@@ -136,7 +137,9 @@ std::atomic<int64_t> rows_value{0};
 }  // namespace
 
 void set_forced_rows(int64_t rows) {
-  TORCH_CHECK(rows == 0 || rows == 8 || rows == 16 || rows == 32,
+  const bool built = std::find(std::begin(kPersistentRowChoices), std::end(kPersistentRowChoices),
+                               rows) != std::end(kPersistentRowChoices);
+  TORCH_CHECK(rows == 0 || built,
               "fused_rnn: persistent rows per block must be 0 (the planner's choice), 8, 16 or 32, "
               "got ", rows);
   rows_value.store(rows, std::memory_order_relaxed);

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, List, Optional
+from typing import Any, Callable, ContextManager, Iterator, List, Optional
 
 import torch
 from torch import Tensor
@@ -129,19 +129,23 @@ def get_cuda_path() -> str:
 
 
 @contextlib.contextmanager
-def persistent_rows(rows: int) -> Iterator[None]:
+def _temporarily(get: Callable[[], Any], set_: Callable[[Any], None], value: Any) -> Iterator[None]:
+    """A process-wide setting at `value` inside the block, restored after it."""
+    previous = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(previous)
+
+
+def persistent_rows(rows: int) -> ContextManager[None]:
     """Restrict the persistent kernel to `rows` rows of W_hh per block (8, 16 or 32; 0 = the
     planner's choice) inside the block, so that tests run each kernel variant at small sizes.
     Where no block of that size fits, auto takes a per-step path and forced persistent raises."""
     if _C is None:
-        yield
-        return
-    previous = _C.get_persistent_rows()
-    _C.set_persistent_rows(rows)
-    try:
-        yield
-    finally:
-        _C.set_persistent_rows(previous)
+        return contextlib.nullcontext()
+    return _temporarily(_C.get_persistent_rows, _C.set_persistent_rows, rows)
 
 
 def last_cuda_paths() -> dict:
@@ -189,15 +193,9 @@ def device_cuda_plan(hidden: int, batch: int, directions: int, dtype: torch.dtyp
             "threads": threads, "smem_bytes": smem}
 
 
-@contextlib.contextmanager
-def cuda_path(path: str) -> Iterator[None]:
+def cuda_path(path: str) -> ContextManager[None]:
     """Context manager form of set_cuda_path, restoring the previous setting."""
-    previous = get_cuda_path()
-    set_cuda_path(path)
-    try:
-        yield
-    finally:
-        set_cuda_path(previous)
+    return _temporarily(get_cuda_path, set_cuda_path, path)
 
 
 def plan_cuda_path(hidden: int, batch: int, directions: int, dtype: torch.dtype,

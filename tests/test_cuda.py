@@ -136,6 +136,40 @@ def _assert_all_close(got, want, dtype):
         assert_close(a, b, dtype, f"gradient {i}")
 
 
+def _models_from_float64(size, hidden, layers, dtype, bidirectional=True):
+    """nn.RNN in float64 and in `dtype`, and fused_rnn.RNN in `dtype`, all with the float64 one's
+    seeded weights."""
+    torch.manual_seed(0)
+    ref64 = nn.RNN(size, hidden, layers, bidirectional=bidirectional, dtype=torch.float64,
+                   device=DEV)
+    theirs = nn.RNN(size, hidden, layers, bidirectional=bidirectional, dtype=dtype, device=DEV)
+    ours = fused_rnn.RNN(size, hidden, layers, bidirectional=bidirectional, dtype=dtype,
+                         device=DEV)
+    theirs.load_state_dict(ref64.state_dict())
+    ours.load_state_dict(ref64.state_dict())
+    return ref64, theirs, ours
+
+
+def _results(module, x64):
+    """Output, h_n and every gradient (input, then weights) from run_and_grad, as float64, with
+    x64 cast to the module's dtype."""
+    x = x64.to(next(module.parameters()).dtype).requires_grad_()
+    out, hn, grads = run_and_grad(module, x, [x], None)
+    return [t.double() for t in (out, hn, *grads)]
+
+
+def _assert_within_nn_rnn_error(ours, theirs, want, dtype):
+    """Half types: each result's error against the float64 `want`, relative to its largest value,
+    at most 3× nn.RNN's own in that dtype, plus an eighth of the dtype's epsilon (for results
+    nn.RNN happens to get almost exactly)."""
+    slack = torch.finfo(dtype).eps / 8
+    for i, (a, c, b) in enumerate(zip(ours, theirs, want)):
+        scale = b.abs().max().item() + 1e-12
+        err_ours = (a - b).abs().max().item() / scale
+        err_theirs = (c - b).abs().max().item() / scale
+        assert err_ours <= 3 * err_theirs + slack, (i, err_ours, err_theirs)
+
+
 @pytest.mark.parametrize("kind", ["padded", "packed"])
 @pytest.mark.parametrize("batch", [3, 70, 130])
 @pytest.mark.parametrize("hidden", [1, 7, 65, 100, 257])
@@ -254,33 +288,16 @@ def test_persistent_blocks_of_16_and_32_rows(rows, dtype, directions):
     hidden = _hidden_for_rows(rows, dtype, directions)
     if hidden is None:
         pytest.skip(f"no hidden size <= 4096 gets {rows} rows per block here ({dtype})")
-    torch.manual_seed(0)
-    bi = directions == 2
-    ref64 = nn.RNN(16, hidden, 1, bidirectional=bi, dtype=torch.float64, device=DEV)
-    fused = fused_rnn.RNN(16, hidden, 1, bidirectional=bi, dtype=dtype, device=DEV)
-    fused.load_state_dict(ref64.state_dict())
+    ref64, theirs, fused = _models_from_float64(16, hidden, 1, dtype, directions == 2)
     x64 = torch.randn(3, 2, 16, dtype=torch.float64, device=DEV)
-    x = x64.to(dtype).requires_grad_()
-    got = run_and_grad(fused, x, [x], None)
+    got = _results(fused, x64)
     _assert_ran("persistent", rows=(rows, rows))
-    x_ref = x64.clone().requires_grad_()
-    want = run_and_grad(ref64, x_ref, [x_ref], None)
-    got, want = [[t.double() for t in (r[0], r[1], *r[2])] for r in (got, want)]
+    want = _results(ref64, x64)
     if dtype == torch.float32:
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-        return
-    # bfloat16: judged by nn.RNN's own error in that dtype, as the half-type tests are.
-    theirs = nn.RNN(16, hidden, 1, bidirectional=bi, dtype=dtype, device=DEV)
-    theirs.load_state_dict(ref64.state_dict())
-    x_theirs = x64.to(dtype).requires_grad_()
-    theirs_out = run_and_grad(theirs, x_theirs, [x_theirs], None)
-    theirs_out = [t.double() for t in (theirs_out[0], theirs_out[1], *theirs_out[2])]
-    for i, (a, c, b) in enumerate(zip(got, theirs_out, want)):
-        scale = b.abs().max().item() + 1e-12
-        err_ours, err_theirs = (a - b).abs().max().item(), (c - b).abs().max().item()
-        assert err_ours / scale <= 3 * err_theirs / scale + torch.finfo(dtype).eps / 8, (i, err_ours,
-                                                                                         err_theirs)
+    else:  # bfloat16: judged by nn.RNN's own error in that dtype, as the half-type tests are
+        _assert_within_nn_rnn_error(got, _results(theirs, x64), want, dtype)
 
 
 def test_deterministic_every_path(path):
@@ -300,12 +317,7 @@ def test_deterministic_every_path(path):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_half_types_within_twice_cudnn_error(path, dtype, packed):
-    torch.manual_seed(0)
-    ref64 = nn.RNN(32, 64, 2, bidirectional=True, dtype=torch.float64, device=DEV)
-    cudnn = nn.RNN(32, 64, 2, bidirectional=True, dtype=dtype, device=DEV)
-    fused = fused_rnn.RNN(32, 64, 2, bidirectional=True, dtype=dtype, device=DEV)
-    cudnn.load_state_dict(ref64.state_dict())
-    fused.load_state_dict(ref64.state_dict())
+    ref64, cudnn, fused = _models_from_float64(32, 64, 2, dtype)
     x64 = torch.randn(50, 8, 32, dtype=torch.float64, device=DEV)
     lengths = torch.randint(1, 51, (8,))
     lengths[0] = 50
@@ -420,24 +432,9 @@ def test_cuda_graph_capture_and_replay_every_path(path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_half_type_gradients_within_cudnn_error(path, dtype):
-    """Every gradient in float16/bfloat16, judged as the forward is: its error against a float64
-    reference at most 3× nn.RNN's own in that dtype (plus an eighth of the dtype's epsilon, for
-    gradients nn.RNN happens to get almost exactly)."""
-    torch.manual_seed(0)
-    ref64 = nn.RNN(32, 100, 2, bidirectional=True, dtype=torch.float64, device=DEV)
-    theirs = nn.RNN(32, 100, 2, bidirectional=True, dtype=dtype, device=DEV)
-    ours = fused_rnn.RNN(32, 100, 2, bidirectional=True, dtype=dtype, device=DEV)
-    theirs.load_state_dict(ref64.state_dict())
-    ours.load_state_dict(ref64.state_dict())
+    """Every gradient in float16/bfloat16, judged as the forward is, by nn.RNN's own error in that
+    dtype against a float64 reference."""
+    ref64, theirs, ours = _models_from_float64(32, 100, 2, dtype)
     x64 = torch.randn(20, 70, 32, dtype=torch.float64, device=DEV)
-    res = []
-    for m in (ref64, theirs, ours):
-        x = x64.to(next(m.parameters()).dtype).requires_grad_()
-        o, h, g = run_and_grad(m, x, [x], None)
-        res.append([t.double() for t in (o, h, *g)])
-    slack = torch.finfo(dtype).eps / 8
-    for i, (want, cudnn, fused) in enumerate(zip(*res)):
-        scale = want.abs().max().item() + 1e-12
-        err_ours = (fused - want).abs().max().item() / scale
-        err_cudnn = (cudnn - want).abs().max().item() / scale
-        assert err_ours <= 3 * err_cudnn + slack, (i, err_ours, err_cudnn)
+    _assert_within_nn_rnn_error(_results(ours, x64), _results(theirs, x64), _results(ref64, x64),
+                                dtype)
