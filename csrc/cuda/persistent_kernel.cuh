@@ -29,6 +29,28 @@ struct PersistentArgs {
   bool relu = false;
 };
 
+// The kernel's arguments for a layer's directions dirs[0 .. D), whose columns are H apart in buffers
+// of row stride D·H (dirs[d].buf = dirs[0].buf + d·H, and so for out).
+template <typename T>
+PersistentArgs<T> persistent_args(int64_t H, int64_t D, int64_t blocks_per_direction,
+                                  const StepTable& tab, const DirectionPtrs<T>* dirs, bool relu) {
+  PersistentArgs<T> a;
+  a.H = H;
+  a.ld = D * H;
+  a.blocks_per_direction = blocks_per_direction;
+  a.tab = tab;
+  a.buf = dirs[0].buf;
+  a.out = dirs[0].out;
+  a.relu = relu;
+  for (int64_t d = 0; d < D; ++d) {
+    a.w[d] = dirs[d].w;
+    a.h0[d] = dirs[d].h0;
+    a.hn[d] = dirs[d].hn;
+    a.dhn[d] = dirs[d].dhn;
+  }
+  return a;
+}
+
 // A load that reads L2 (where other SMs' stores of the previous step are), not a stale L1 line.
 __device__ inline float load_cg(const float* p) { return __ldcg(p); }
 __device__ inline double load_cg(const double* p) { return __ldcg(p); }

@@ -120,6 +120,41 @@ C10_HOST_DEVICE inline StepRows<T> backward_step(int64_t s, bool reverse, const 
   return r;
 }
 
+// One direction's buffers for a layer's recurrence. buf: the direction's first column of the
+// (N, D·H) buffer (forward: the output holding P; backward: dA holding dH); forward: h0/hn (B, H);
+// backward: out, the direction's first column of h_t, and dhn (B, H).
+template <typename T>
+struct DirectionPtrs {
+  T* buf = nullptr;
+  const T* w = nullptr;  // W_hh (H, H), row-major
+  const T* h0 = nullptr;
+  T* hn = nullptr;
+  const T* out = nullptr;
+  const T* dhn = nullptr;
+};
+
+// Step number s of a direction, forward or BPTT: the step descriptor every path works from.
+template <typename T, bool kBackward>
+C10_HOST_DEVICE inline StepRows<T> layer_step(int64_t s, bool reverse, const StepTable& tab,
+                                              const DirectionPtrs<T>& x, int64_t ld, int64_t H) {
+  if constexpr (kBackward) {
+    return backward_step<T>(s, reverse, tab, x.buf, ld, x.out, x.dhn);
+  } else {
+    return forward_step<T>(s, reverse, tab, x.buf, ld, x.h0, x.hn, H);
+  }
+}
+
+// The GEMM terms of a step that an external GEMM (cuBLAS) computes into ws (rows × H, row-major):
+// gemm(a, lda, rows, ws_rows) for rows [0, cont) from a1, then [cont, rows) from a2 if set.
+// Returns the number of rows that have a GEMM term (the epilogue adds none after them).
+template <typename T, typename Acc, typename Gemm>
+inline int64_t step_gemms(const StepRows<T>& st, int64_t H, Acc* ws, Gemm&& gemm) {
+  gemm(st.a1, st.lda1, st.cont, ws);
+  if (st.a2 == nullptr) return st.cont;
+  gemm(st.a2 + st.cont * st.lda2, st.lda2, st.rows - st.cont, ws + st.cont * H);
+  return st.rows;
+}
+
 template <typename acc>
 C10_HOST_DEVICE inline acc activation(acc x, bool relu) {
   if (relu) return x < acc(0) ? acc(0) : x;  // keeps NaN, as torch.relu

@@ -188,13 +188,10 @@ template <typename T, bool kBackward>
 void cublas_step(const StepRows<T>& st, const T* w, int64_t H, bool relu, acc_t<T>* ws) {
   if (st.rows == 0 || H == 0) return;
   const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  blas_step_gemm<T, kBackward>(handle, w, st.a1, st.lda1, st.cont, H, ws);
-  int64_t gemm_rows = st.cont;
-  if (st.a2 != nullptr) {
-    blas_step_gemm<T, kBackward>(handle, w, st.a2 + st.cont * st.lda2, st.lda2, st.rows - st.cont,
-                                 H, ws + st.cont * H);
-    gemm_rows = st.rows;
-  }
+  const int64_t gemm_rows =
+      step_gemms(st, H, ws, [&](const T* a, int64_t lda, int64_t rows, acc_t<T>* out) {
+        blas_step_gemm<T, kBackward>(handle, w, a, lda, rows, H, out);
+      });
   const dim3 grid(static_cast<unsigned>(cuda_plan::epilogue_grid_x(H)),
                   static_cast<unsigned>(cuda_plan::epilogue_grid_y(st.rows)));
   step_epilogue_kernel<T, kBackward>
@@ -271,19 +268,11 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   cuda_plan::PersistentConfig cfg;
   const std::string forced = cuda_plan::forced_path();
   cuda_plan::Path path = plan<T, kBackward>(H, s.schedule.batch, D, device, dev, forced, &cfg);
-  // Per direction: W_hh, and the forward's h0/hn or the backward's dh_n and h_t columns.
-  struct Direction {
-    T* buf;
-    const T* w;
-    const T* h0 = nullptr;
-    T* hn = nullptr;
-    const T* out = nullptr;
-    const T* dhn = nullptr;
-    acc_t<T>* ws = nullptr;  // per_step_cublas: the step's GEMM term
-  };
-  std::vector<Direction> dirs;
+  std::vector<DirectionPtrs<T>> dirs;
   for (int64_t d = 0; d < D; ++d) {
-    Direction x{buf.data_ptr<T>() + d * H, whh[d].data_ptr<T>()};
+    DirectionPtrs<T> x;
+    x.buf = buf.data_ptr<T>() + d * H;
+    x.w = whh[d].data_ptr<T>();
     if constexpr (kBackward) {
       x.out = out.data_ptr<T>() + d * H;
       x.dhn = dhn[d].data_ptr<T>();
@@ -295,19 +284,6 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   }
 
   if (path == cuda_plan::Path::kPersistent) {
-    PersistentArgs<T> a;
-    a.H = H;
-    a.ld = ld;
-    a.blocks_per_direction = cfg.blocks_per_direction;
-    a.buf = buf.data_ptr<T>();
-    a.relu = relu;
-    a.out = kBackward ? out.data_ptr<T>() : nullptr;
-    for (int64_t d = 0; d < D; ++d) {
-      a.w[d] = dirs[d].w;
-      a.dhn[d] = dirs[d].dhn;
-      a.h0[d] = dirs[d].h0;
-      a.hn[d] = dirs[d].hn;
-    }
     // Packed sequences' tables go to the device; padded ones need none (nothing is copied).
     at::Tensor sched_dev;
     if (s.schedule.packed) {
@@ -316,7 +292,10 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
       sched_dev = to_device(sched, buf.device());
     }
     const int64_t* bs_dev = sched_dev.defined() ? sched_dev.data_ptr<int64_t>() : nullptr;
-    a.tab = step_table(s.schedule, bs_dev, bs_dev == nullptr ? nullptr : bs_dev + steps + 1);
+    const StepTable tab =
+        step_table(s.schedule, bs_dev, bs_dev == nullptr ? nullptr : bs_dev + steps + 1);
+    const PersistentArgs<T> a =
+        persistent_args(H, D, cfg.blocks_per_direction, tab, dirs.data(), relu);
     if (launch_persistent<T, kBackward>(a, cfg, dev.sm_count, main_stream.stream())) {
       cuda_plan::record_path(kBackward, path, cfg.rows_per_block);
       return;
@@ -336,7 +315,6 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   if (use_blas) {
     const auto acc = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
     ws = at::empty({D, s.schedule.batch, H}, buf.options().dtype(acc));
-    for (int64_t d = 0; d < D; ++d) dirs[d].ws = ws.data_ptr<acc_t<T>>() + d * s.schedule.batch * H;
   }
   std::optional<c10::cuda::CUDAStream> side;
   std::optional<SideStreamJoin> join;
@@ -350,17 +328,12 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
       // The guard makes this direction's stream current: both step functions launch on it, and
       // cuBLAS's handle is bound to it.
       const c10::cuda::CUDAStreamGuard stream_guard(d == 0 ? main_stream : *side);
-      const Direction& x = dirs[d];
-      StepRows<T> st;
-      if constexpr (kBackward) {
-        st = backward_step<T>(step, d == 1, tab, x.buf, ld, x.out, x.dhn);
-      } else {
-        st = forward_step<T>(step, d == 1, tab, x.buf, ld, x.h0, x.hn, H);
-      }
+      const StepRows<T> st = layer_step<T, kBackward>(step, d == 1, tab, dirs[d], ld, H);
       if (use_blas) {
-        cublas_step<T, kBackward>(st, x.w, H, relu, x.ws);
+        cublas_step<T, kBackward>(st, dirs[d].w, H, relu,
+                                  ws.data_ptr<acc_t<T>>() + d * s.schedule.batch * H);
       } else {
-        launch_step<T, kBackward>(st, x.w, H, relu);
+        launch_step<T, kBackward>(st, dirs[d].w, H, relu);
       }
     }
   }

@@ -1,0 +1,201 @@
+"""Our CUDA kernels' own source, run on the CPU by a host emulator of CUDA threads.
+
+tests/cuda_emulator compiles csrc/cuda's kernel headers unchanged with the host compiler, each CUDA
+thread a fiber, with __syncthreads, warp shuffles and grid.sync() as real meeting points, and launches
+them as rnn_cuda.cu does (same step descriptors, same GEMM split of the cuBLAS path with a host GEMM
+standing in for cuBLAS, same grid geometry). Each path (persistent at 8, 16 and 32 rows per block,
+per_step, per_step_cublas), forward and BPTT, padded and packed, one and two directions, every dtype,
+is compared against the pure-PyTorch reference in float64 on the same (rounded) inputs. This is what
+the CUDA kernels compute, checked on every CI run; speed, memory ordering between SMs and races are
+left to a GPU (tests/test_cuda.py, compute-sanitizer in bench/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.cpp_extension import include_paths
+
+from fused_rnn import _reference
+
+EMULATOR = Path(__file__).parent / "cuda_emulator"
+CSRC = Path(__file__).parent.parent / "csrc"
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+PATH_CODES = {"persistent": 0, "per_step": 1, "per_step_cublas": 2}
+# (path, rows per block): every kernel variant the CUDA build has.
+VARIANTS = [("persistent", 8), ("persistent", 16), ("persistent", 32), ("per_step", 0),
+            ("per_step_cublas", 0)]
+
+_ptr = ctypes.c_void_p
+_ptrs = ctypes.POINTER(ctypes.c_void_p)
+_i64 = ctypes.c_int64
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the emulator's fiber switch is written for x86-64")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lib_path = tmp_path_factory.mktemp("cuda_emulator") / "libcuda_emu.so"
+    cmd = [cxx, "-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-fno-extern-tls-init", "-Wall", "-Wextra",
+           "-Werror", "-Wno-unknown-pragmas", "-Wl,--no-undefined",
+           f"-I{EMULATOR / 'shim'}", f"-I{EMULATOR}", f"-I{CSRC}",
+           *[f"-isystem{p}" for p in include_paths()],
+           str(EMULATOR / "emulator.cpp"), str(EMULATOR / "harness.cpp"), "-o", str(lib_path)]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    if built.returncode != 0:
+        pytest.fail("the CUDA emulator does not build:\n" + built.stderr[-4000:])
+    lib = ctypes.CDLL(str(lib_path))
+    lib.emu_recurrence.restype = ctypes.c_int
+    lib.emu_recurrence.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, _i64, _i64,
+                                   _ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptrs, _ptrs, _ptrs, _ptrs,
+                                   ctypes.c_int, ctypes.c_char_p, _i64]
+    lib.emu_selftest.restype = ctypes.c_int
+    lib.emu_selftest.argtypes = [ctypes.c_int, _ptr, ctypes.c_char_p, _i64]
+    return lib
+
+
+def _pointers(tensors):
+    return (ctypes.c_void_p * 2)(*[t.data_ptr() for t in tensors] + [0] * (2 - len(tensors)))
+
+
+def emulate(lib, *, backward, path, rows_per_block, buf, out, w, h0, hn, dhn, batch_sizes,
+            batch, relu):
+    """Runs one layer's recurrence in place over buf (N, D·H) on the emulated kernels."""
+    hidden, directions = w[0].shape[0], len(w)
+    steps = batch_sizes.numel() if batch_sizes is not None else buf.shape[0] // max(batch, 1)
+    bs = off = None
+    if batch_sizes is not None:
+        sizes = [int(b) for b in batch_sizes] + [0]
+        offsets = [0]
+        for b in sizes[:-1]:
+            offsets.append(offsets[-1] + b)
+        bs, off = torch.tensor(sizes, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
+    err = ctypes.create_string_buffer(1024)
+    rc = lib.emu_recurrence(
+        DTYPE_CODES[buf.dtype], int(backward), PATH_CODES[path], rows_per_block, steps, batch,
+        bs.data_ptr() if bs is not None else None, off.data_ptr() if off is not None else None,
+        hidden, directions, buf.data_ptr(), out.data_ptr() if out is not None else None,
+        _pointers(w), _pointers(h0), _pointers(hn), _pointers(dhn), int(relu), err, len(err))
+    assert rc == 0, err.value.decode()
+
+
+def _selector_weights(hidden, directions, w_hh):
+    """Per direction: W_ih picking the direction's own columns of X (so P_d = X[:, dH:(d+1)H] and
+    dX = [dA_0, dA_1] exactly), and its W_hh."""
+    weights = []
+    for d in range(directions):
+        w_ih = torch.zeros(hidden, directions * hidden, dtype=torch.float64)
+        w_ih[:, d * hidden:(d + 1) * hidden] = torch.eye(hidden, dtype=torch.float64)
+        weights += [w_ih, w_hh[d]]
+    return weights
+
+
+# Largest |emulated − float64 reference| allowed, per dtype: each step rounds h_t or dA_t (of size
+# up to ~2) to the dtype once, after float (double) accumulation over H ≤ 70 terms; about 4 units in
+# the last place of 2 for the 2-byte types, more room for accumulation in float32/float64. Measured
+# worst over every case (2026-11-25): bfloat16 7.8e-3, float16 8.6e-4, float32 4.9e-7, float64
+# 7.8e-16; a wrong index or a missing term gives errors of order 0.1.
+TOLERANCE = {torch.float64: 1e-14, torch.float32: 4e-6, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _case(path, rows_per_block, dtype, directions, packed, relu, seed):
+    """A layer shaped to cross each path's tile boundaries: the persistent kernel's last block
+    partial (H = 2R + 3), the per-step kernel's 64-wide tiles partial in both dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    if path == "persistent":
+        hidden, batch = 2 * rows_per_block + 3, 11
+    else:
+        hidden, batch = 70, 67
+    steps = 5
+    if packed:
+        lengths = sorted([steps, steps] + torch.randint(1, steps + 1, (batch - 2,), generator=g).tolist(),
+                         reverse=True)
+        batch_sizes = torch.tensor([sum(1 for n in lengths if n > t) for t in range(steps)])
+    else:
+        batch_sizes = None
+    rows = int(batch_sizes.sum()) if packed else steps * batch
+    scale = hidden ** -0.5
+
+    def rand(*shape, s=1.0):
+        # Drawn in float64, rounded to the dtype: both sides see the same values.
+        return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * s).to(dtype)
+
+    return dict(hidden=hidden, batch=batch, steps=steps, batch_sizes=batch_sizes, rows=rows,
+                x=rand(rows, directions * hidden), h0=rand(directions, batch, hidden),
+                w_hh=[rand(hidden, hidden, s=scale) for _ in range(directions)],
+                dH=rand(rows, directions * hidden), dhn=rand(directions, batch, hidden), relu=relu)
+
+
+def _reference_input(c, t):
+    return t if c["batch_sizes"] is not None else t.view(c["steps"], c["batch"], -1)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("directions", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("path,rows_per_block", VARIANTS,
+                         ids=[f"{p}{r or ''}" for p, r in VARIANTS])
+def test_emulated_kernels_match_the_reference(emulator, path, rows_per_block, dtype, directions,
+                                              packed, relu):
+    if rows_per_block == 32 and dtype == torch.float64:
+        pytest.skip("no 32-row double kernel is built (it would spill registers)")
+    seed = zlib.crc32(repr((path, rows_per_block, dtype, directions, packed, relu)).encode())
+    c = _case(path, rows_per_block, dtype, directions, packed, relu, seed)
+    H, D, B = c["hidden"], directions, c["batch"]
+    f64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    weights = _selector_weights(H, D, [w.double() for w in c["w_hh"]])
+    ref_out, ref_hn = _reference.rnn_layer_forward(
+        _reference_input(c, f64["x"]), f64["h0"], weights, c["batch_sizes"], relu, False)
+    ref_out = ref_out.reshape(c["rows"], D * H)
+
+    # Forward: buf holds P (= x, by the selector W_ih) and receives h_t.
+    buf = c["x"].clone()
+    hn = torch.full((D, B, H), float("nan"), dtype=dtype)
+    emulate(emulator, backward=False, path=path, rows_per_block=rows_per_block, buf=buf, out=None,
+            w=c["w_hh"], h0=list(c["h0"]), hn=list(hn), dhn=[], batch_sizes=c["batch_sizes"],
+            batch=B, relu=relu)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(buf.double(), ref_out, rtol=0, atol=tol)
+    torch.testing.assert_close(hn.double(), ref_hn, rtol=0, atol=tol)
+
+    # BPTT from the reference's h_t (rounded to the dtype, as the forward would have left it).
+    out = ref_out.to(dtype)
+    grad_input, _, _ = _reference.rnn_layer_backward(
+        _reference_input(c, f64["dH"]), f64["dhn"], _reference_input(c, f64["x"]), f64["h0"],
+        weights, _reference_input(c, out.double()), c["batch_sizes"], relu, False,
+        [True, False, False])
+    dA = c["dH"].clone()
+    emulate(emulator, backward=True, path=path, rows_per_block=rows_per_block, buf=dA, out=out,
+            w=c["w_hh"], h0=[], hn=[], dhn=list(c["dhn"]), batch_sizes=c["batch_sizes"], batch=B,
+            relu=relu)
+    torch.testing.assert_close(dA.double(), grad_input.reshape(c["rows"], D * H), rtol=0, atol=tol)
+
+
+def test_emulator_runs_warps_barriers_and_grids_as_cuda_does(emulator):
+    result = torch.full((256,), -1, dtype=torch.int64)
+    err = ctypes.create_string_buffer(512)
+
+    def run(which):
+        result.fill_(-1)
+        rc = emulator.emu_selftest(which, result.data_ptr(), err, len(err))
+        return rc, err.value.decode()
+
+    assert run(0) == (0, "") and result[:128].tolist() == [496] * 128  # butterfly sums per warp
+    assert run(1) == (0, "") and result[:8].tolist() == [1, 2, 3, 4, 2, 3, 4, 1]  # grid.sync
+    assert run(2) == (0, "") and result.tolist() == [3 * (255 - i) for i in range(256)]
+    # Misuses are reported, not hung.
+    assert "__syncthreads after some threads" in run(3)[1]
+    assert "grid.sync" in run(4)[1]
+    assert "shuffle" in run(5)[1]
