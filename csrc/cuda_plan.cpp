@@ -23,8 +23,9 @@ std::optional<PersistentConfig> plan_persistent(int64_t hidden, int64_t directio
     c.blocks_per_direction = (hidden + rows - 1) / rows;
     c.threads = kPersistentThreads;
     c.smem_bytes = rows * hidden * elem_bytes;
-    if (c.smem_bytes > dev.smem_per_block_optin) continue;
-    const int64_t by_smem = dev.smem_per_sm / (c.smem_bytes + kReservedSmemPerBlock);
+    const int64_t block_smem = c.smem_bytes + persistent_static_smem(rows, elem_bytes);
+    if (block_smem > dev.smem_per_block_optin) continue;
+    const int64_t by_smem = dev.smem_per_sm / (block_smem + kReservedSmemPerBlock);
     const int64_t by_threads = dev.max_threads_per_sm / c.threads;
     // Registers are allocated per warp in units of 256, i.e. 8 per thread: round up.
     const int64_t regs_per_thread = (regs.for_rows(rows) + 7) / 8 * 8;

@@ -33,6 +33,7 @@ struct PersistentConfig {
   int64_t blocks_per_direction = 0;
   int64_t threads = 0;
   int64_t smem_bytes = 0;           // dynamic shared memory per block: R · H · sizeof(scalar)
+                                    // (the kernel adds persistent_static_smem of its own)
   int64_t blocks() const { return blocks_per_direction * directions; }
   int64_t directions = 1;
 };
@@ -42,6 +43,12 @@ enum class Path { kPersistent, kPerStep, kPerStepCublas };
 const char* path_name(Path path);
 
 constexpr int64_t kPersistentThreads = 256;
+constexpr int64_t kPersistentWarps = kPersistentThreads / 32;
+// The persistent kernel's static shared memory: each warp's R partial sums in the accumulation type
+// (double for 8-byte elements, else float), for steps whose rows are split across warps.
+constexpr int64_t persistent_static_smem(int64_t rows, int64_t elem_bytes) {
+  return kPersistentWarps * rows * (elem_bytes == 8 ? 8 : 4);
+}
 constexpr int64_t kPersistentRowChoices[] = {8, 16, 32};
 // Shared memory the runtime reserves per resident block (1 KiB on sm_80 and sm_90).
 constexpr int64_t kReservedSmemPerBlock = 1024;

@@ -65,13 +65,32 @@ def emulator(tmp_path_factory):
     return lib
 
 
-def _pointers(tensors):
-    return (ctypes.c_void_p * 2)(*[t.data_ptr() for t in tensors] + [0] * (2 - len(tensors)))
+# Elements of NaN before and after every buffer the emulated kernels get: a read past an end shows
+# as NaN in the results, a write past one as a guard that is no longer NaN.
+GUARD = 64
+
+
+class _Guarded:
+    """A copy of `tensor` inside NaN guards, for the kernels; `inner` is the copy."""
+
+    def __init__(self, tensor):
+        self.flat = torch.full((tensor.numel() + 2 * GUARD,), float("nan"), dtype=tensor.dtype)
+        self.inner = self.flat[GUARD:GUARD + tensor.numel()].view(tensor.shape)
+        self.inner.copy_(tensor)
+
+    def check(self, name):
+        guards = torch.cat([self.flat[:GUARD], self.flat[-GUARD:]])
+        assert guards.isnan().all(), f"the kernels wrote outside {name}"
+
+
+def _pointers(guarded):
+    return (ctypes.c_void_p * 2)(*[g.inner.data_ptr() for g in guarded] + [0] * (2 - len(guarded)))
 
 
 def emulate(lib, *, backward, path, rows_per_block, buf, out, w, h0, hn, dhn, batch_sizes,
             batch, relu):
-    """Runs one layer's recurrence in place over buf (N, D·H) on the emulated kernels."""
+    """Runs one layer's recurrence in place over buf (N, D·H) on the emulated kernels, every
+    buffer they get (one per direction for w, h0, hn, dhn) inside NaN guards; hn receives h_n."""
     hidden, directions = w[0].shape[0], len(w)
     steps = batch_sizes.numel() if batch_sizes is not None else buf.shape[0] // max(batch, 1)
     bs = off = None
@@ -81,13 +100,23 @@ def emulate(lib, *, backward, path, rows_per_block, buf, out, w, h0, hn, dhn, ba
         for b in sizes[:-1]:
             offsets.append(offsets[-1] + b)
         bs, off = torch.tensor(sizes, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
+    g = {"buf": [_Guarded(buf)], "out": [_Guarded(out)] if out is not None else [],
+         "w": [_Guarded(t) for t in w], "h0": [_Guarded(t) for t in h0],
+         "hn": [_Guarded(t) for t in hn], "dhn": [_Guarded(t) for t in dhn]}
     err = ctypes.create_string_buffer(1024)
     rc = lib.emu_recurrence(
         DTYPE_CODES[buf.dtype], int(backward), PATH_CODES[path], rows_per_block, steps, batch,
         bs.data_ptr() if bs is not None else None, off.data_ptr() if off is not None else None,
-        hidden, directions, buf.data_ptr(), out.data_ptr() if out is not None else None,
-        _pointers(w), _pointers(h0), _pointers(hn), _pointers(dhn), int(relu), err, len(err))
+        hidden, directions, g["buf"][0].inner.data_ptr(),
+        g["out"][0].inner.data_ptr() if out is not None else None, _pointers(g["w"]),
+        _pointers(g["h0"]), _pointers(g["hn"]), _pointers(g["dhn"]), int(relu), err, len(err))
     assert rc == 0, err.value.decode()
+    for name, guarded in g.items():
+        for x in guarded:
+            x.check(name)
+    buf.copy_(g["buf"][0].inner)
+    for t, x in zip(hn, g["hn"]):
+        t.copy_(x.inner)
 
 
 def _selector_weights(hidden, directions, w_hh):
@@ -111,16 +140,19 @@ TOLERANCE = {torch.float64: 1e-14, torch.float32: 4e-6, torch.bfloat16: 3e-2, to
 
 def _case(path, rows_per_block, dtype, directions, packed, relu, seed):
     """A layer shaped to cross each path's tile boundaries: the persistent kernel's last block
-    partial (H = 2R + 3), the per-step kernel's 64-wide tiles partial in both dimensions."""
+    partial (H = 2R + 3) and its steps of 11, 5, 4, 3, 2 and 1 rows (two passes of 8 warps, then
+    rows split over k across 1, 2, 2, 2, 4 and 8 warps; padded: 2 rows, 4 warps each), the per-step
+    kernel's 64-wide tiles partial in both dimensions."""
     g = torch.Generator().manual_seed(seed)
+    steps = 6
     if path == "persistent":
-        hidden, batch = 2 * rows_per_block + 3, 11
+        hidden, batch = 2 * rows_per_block + 3, 11 if packed else 2
+        lengths = [6, 5, 4, 3, 2] + [1] * 6
     else:
         hidden, batch = 70, 67
-    steps = 5
-    if packed:
         lengths = sorted([steps, steps] + torch.randint(1, steps + 1, (batch - 2,), generator=g).tolist(),
                          reverse=True)
+    if packed:
         batch_sizes = torch.tensor([sum(1 for n in lengths if n > t) for t in range(steps)])
     else:
         batch_sizes = None

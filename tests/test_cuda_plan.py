@@ -26,6 +26,12 @@ def plan(hidden, batch=8, directions=1, dtype=torch.float32, props=H100, forced=
     return _ops.plan_cuda_path(hidden, batch, directions, dtype, props, forced)
 
 
+def _static_smem(rows, elem):
+    """The persistent kernel's static shared memory: 8 warps × R partial sums in the accumulation
+    type (double for float64, else float)."""
+    return 8 * rows * (8 if elem == 8 else 4)
+
+
 @pytest.mark.parametrize("props", [H100, A100], ids=["H100", "A100"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("hidden", [1, 7, 64, 256, 1000, 1024, 2048, 4096])
@@ -39,9 +45,12 @@ def test_persistent_plans_are_consistent(props, dtype, hidden, directions):
     assert rows in (8, 16, 32) and not (rows == 32 and elem == 8)
     # Every output column is owned by exactly one block of its direction.
     assert p["blocks_per_direction"] == -(-hidden // rows)
-    assert p["smem_bytes"] == rows * hidden * elem <= props["smem_per_block_optin"]
+    # Dynamic shared memory: the R rows of W_hh; the kernel adds its warps' partial sums (static).
+    assert p["smem_bytes"] == rows * hidden * elem
+    block_smem = p["smem_bytes"] + _static_smem(rows, elem)
+    assert block_smem <= props["smem_per_block_optin"]
     # The whole grid is co-resident.
-    per_sm = min(props["smem_per_sm"] // (p["smem_bytes"] + 1024),
+    per_sm = min(props["smem_per_sm"] // (block_smem + 1024),
                  props["max_threads_per_sm"] // p["threads"])
     assert p["blocks_per_direction"] * directions <= per_sm * props["sm_count"]
 
@@ -98,6 +107,20 @@ def test_registers_per_thread_limit_the_blocks_per_sm():
     regs = {8: 255, 16: 255, 32: 64}
     p = plan(2048, batch=8, dtype=torch.bfloat16, props=dict(A100, regs_per_thread=regs))
     assert (p["path"], p["rows_per_block"]) == ("persistent", 32)
+
+
+def test_static_shared_memory_counts_against_the_block_limit():
+    # H = 1000 fp32 at R = 8: 32000 bytes of W_hh rows, plus the kernel's 256 bytes of partial sums.
+    # A block limit of exactly 32000 bytes cannot hold both (nor any larger R): a per-step path.
+    props = dict(sm_count=1000, smem_per_sm=10**6, smem_per_block_optin=32000,
+                 max_threads_per_sm=2048, regs_per_sm=65536)
+    assert plan(1000, props=props)["path"] != "persistent"
+    p = plan(1000, props=dict(props, smem_per_block_optin=32000 + _static_smem(8, 4)))
+    assert (p["path"], p["rows_per_block"], p["smem_bytes"]) == ("persistent", 8, 32000)
+    # And per SM: 2 blocks of 32000 + 256 (+ 1 KiB reserved each) need 66560 bytes.
+    props = dict(props, smem_per_block_optin=10**6, sm_count=63)  # 125 blocks at R = 8: 2 per SM
+    assert plan(1000, props=dict(props, smem_per_sm=66560))["rows_per_block"] == 8
+    assert plan(1000, props=dict(props, smem_per_sm=66559))["rows_per_block"] != 8
 
 
 def test_registers_are_counted_in_units_of_eight_per_thread():

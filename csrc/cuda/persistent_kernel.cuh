@@ -2,14 +2,19 @@
 //
 // Block b of direction d owns R = ROWS output columns [j0, j0 + R) and keeps the matching R rows of
 // W_hh (forward: W_hh[j][:], so that h_t[j] = act(P_t[j] + h_{t-1} · W_hh[j][:]); BPTT: W_hh[:][j],
-// the rows of W_hhᵀ) in shared memory for the whole sequence. Per step each warp takes batch rows
-// m = warp, warp + 8, ...: its lanes stride over k, every lane accumulating all R dot products, then a
-// butterfly reduction; lane r finishes column j0 + r with the epilogue. A grid-wide barrier separates
-// steps: step t reads rows that other blocks wrote at the step before, so those loads bypass L1.
+// the rows of W_hhᵀ) in shared memory for the whole sequence. Per step the 8 warps form groups of
+// `split` warps (persistent_k_split: 1 for steps of 5 or more rows, up to 8 for a single row), group g
+// taking batch rows m = g, g + 8/split, ...; the lanes of a group stride over k, every lane
+// accumulating all R dot products, then a butterfly reduction per warp and, for split > 1, a sum of
+// the group's partial sums through shared memory; lane r finishes column j0 + r with the epilogue.
+// Splitting k keeps every warp busy at small batches, where a step's time is the latency of one
+// warp's H/32 dependent loads of h_{t-1}. A grid-wide barrier separates steps: step t reads rows
+// that other blocks wrote at the step before, so those loads bypass L1.
 #pragma once
 
 #include <cooperative_groups.h>
 
+#include "../cuda_plan.h"
 #include "recurrence_common.cuh"
 
 namespace fused_rnn::cuda {
@@ -63,11 +68,25 @@ __device__ inline float load_cg(const c10::BFloat16* p) {
                                           c10::BFloat16::from_bits()));
 }
 
+// Warps that share each row of a step of `rows` rows: as many as still give every row its own group
+// (8 warps: 1 row → 8, 2 → 4, 3 or 4 → 2, 5 or more → 1). Then a step with split > 1 has at most
+// one row per group.
+C10_HOST_DEVICE inline int persistent_k_split(int64_t rows, int warps) {
+  int split = 1;
+  while (split * 2 <= warps && rows * split * 2 <= warps) split *= 2;
+  return split;
+}
+
 template <typename T, int ROWS, bool kBackward>
-__global__ void __launch_bounds__(256) persistent_recurrence_kernel(PersistentArgs<T> p) {
+__global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
+    persistent_recurrence_kernel(PersistentArgs<T> p) {
   using A = acc_t<T>;
+  constexpr int warps = static_cast<int>(cuda_plan::kPersistentWarps);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* ws = reinterpret_cast<T*>(smem_raw);  // [ROWS][H]
+  __shared__ A partial[warps][ROWS];        // steps with split > 1: each warp's R partial sums
+  static_assert(sizeof(partial) == cuda_plan::persistent_static_smem(ROWS, sizeof(T)),
+                "the planner's count of the kernel's static shared memory");
   const int64_t H = p.H;
   const int d = static_cast<int>(blockIdx.x / p.blocks_per_direction);
   const int64_t j0 = (blockIdx.x % p.blocks_per_direction) * ROWS;
@@ -82,19 +101,26 @@ __global__ void __launch_bounds__(256) persistent_recurrence_kernel(PersistentAr
   __syncthreads();
 
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
   T* buf = p.buf + d * H;
   for (int64_t s = 0; s < p.tab.steps; ++s) {
     const StepRows<T> st =
         kBackward ? backward_step<T>(s, d == 1, p.tab, buf, p.ld, p.out + d * H, p.dhn[d])
                   : forward_step<T>(s, d == 1, p.tab, buf, p.ld, p.h0[d], p.hn[d], H);
-    for (int64_t m = warp; m < st.rows; m += warps) {
-      const T* row = step_input_row(st, m);
+    const int split = persistent_k_split(st.rows, warps);
+    const int groups = warps / split, group = warp / split, part = warp % split;
+    // Every warp makes the same number of passes, so that each reaches the barriers below.
+    const int64_t passes = (st.rows + groups - 1) / groups;
+    for (int64_t pass = 0; pass < passes; ++pass) {
+      const int64_t m = pass * groups + group;
+      const bool active = m < st.rows;
+      if (!active && split == 1) continue;  // no barrier in this pass
+      const T* row = active ? step_input_row(st, m) : nullptr;
       A acc[ROWS];
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) acc[r] = A(0);
       if (row != nullptr) {
-        for (int64_t k = lane; k < H; k += 32) {
+        for (int64_t k = part * 32 + lane; k < H; k += 32 * split) {
           const A a = static_cast<A>(load_cg(row + k));
 #pragma unroll
           for (int r = 0; r < ROWS; ++r) acc[r] += a * static_cast<A>(ws[r * H + k]);
@@ -107,6 +133,24 @@ __global__ void __launch_bounds__(256) persistent_recurrence_kernel(PersistentAr
           acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
         }
       }
+      if (split > 1) {
+        // The group's first warp adds the others' partial sums (in warp order: deterministic).
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+          if (lane == r) partial[warp][r] = acc[r];
+        }
+        __syncthreads();
+        if (part == 0) {
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) {
+            if (lane == r) {
+              for (int q = 1; q < split; ++q) acc[r] += partial[warp + q][r];
+            }
+          }
+        }
+        if (pass + 1 < passes) __syncthreads();  // partial is rewritten next pass; grid.sync ends a step
+      }
+      if (!active || part != 0) continue;
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         if (lane == r && r < nrows) step_epilogue<T, kBackward>(st, m, j0 + r, H, acc[r], p.relu);
