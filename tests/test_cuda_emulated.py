@@ -140,16 +140,19 @@ TOLERANCE = {torch.float64: 1e-14, torch.float32: 4e-6, torch.bfloat16: 3e-2, to
 
 def _case(path, rows_per_block, dtype, directions, packed, relu, seed):
     """A layer shaped to cross each path's tile boundaries: the persistent kernel's last block
-    partial (H = 2R + 3) and its steps of 11, 5, 4, 3, 2 and 1 rows (two passes of 8 warps, then
+    partial (H = 259) and its steps of 11, 5, 4, 3, 2 and 1 rows (two passes of 8 warps, then
     rows split over k across 1, 2, 2, 2, 4 and 8 warps; padded: 2 rows, 4 warps each), the per-step
     kernel's 64-wide tiles partial in both dimensions."""
     g = torch.Generator().manual_seed(seed)
     steps = 6
     if path == "persistent":
-        hidden, batch = 2 * rows_per_block + 3, 11 if packed else 2
+        # H = 8·32 + 3: at a split of 8 every warp's slice of k has work; the last block partial.
+        hidden, batch = 259, 11 if packed else 2
         lengths = [6, 5, 4, 3, 2] + [1] * 6
     else:
-        hidden, batch = 70, 67
+        # Padded: two column tiles, the second partial. Packed: H below one k chunk (16), so the
+        # first chunk's tile is partial too (a slot left unwritten holds whatever shared memory held).
+        hidden, batch = (13 if packed else 70), 67
         lengths = sorted([steps, steps] + torch.randint(1, steps + 1, (batch - 2,), generator=g).tolist(),
                          reverse=True)
     if packed:
@@ -231,3 +234,5 @@ def test_emulator_runs_warps_barriers_and_grids_as_cuda_does(emulator):
     assert "__syncthreads after some threads" in run(3)[1]
     assert "grid.sync" in run(4)[1]
     assert "shuffle" in run(5)[1]
+    assert "reached from" in run(6)[1]  # a barrier in divergent code
+    assert run(7) == (0, "") and result[:64].view(torch.float64).isnan().all()

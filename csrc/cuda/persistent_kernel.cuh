@@ -134,21 +134,23 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
         }
       }
       if (split > 1) {
-        // The group's first warp adds the others' partial sums (in warp order: deterministic).
+        // The group's first warp adds the others' partial sums (in a fixed order: deterministic).
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
           if (lane == r) partial[warp][r] = acc[r];
         }
         __syncthreads();
-        if (part == 0) {
+        if (part == 0 && lane < ROWS) {
+          A others(0);
+          for (int q = 1; q < split; ++q) others += partial[warp + q][lane];
 #pragma unroll
           for (int r = 0; r < ROWS; ++r) {
-            if (lane == r) {
-              for (int q = 1; q < split; ++q) acc[r] += partial[warp + q][r];
-            }
+            if (lane == r) acc[r] += others;
           }
         }
-        if (pass + 1 < passes) __syncthreads();  // partial is rewritten next pass; grid.sync ends a step
+        // Never taken while a split step has one pass per group (persistent_k_split); keeps partial
+        // safe for any split. grid.sync, a block barrier too, ends each step.
+        if (pass + 1 < passes) __syncthreads();
       }
       if (!active || part != 0) continue;
 #pragma unroll

@@ -1,6 +1,9 @@
 // The host CUDA emulator (see emulator.h): fibers for CUDA threads, barriers between them.
 #include "emulator.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -47,6 +50,43 @@ namespace {
 constexpr size_t kStackBytes = 64 * 1024;
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// Where a barrier or shuffle was called from: every thread meeting at one must come from the same
+// call site (CUDA: a barrier in divergent code, or lanes at different shuffles, is undefined).
+struct Site {
+  const char* file = "";
+  uint_least32_t line = 0, column = 0;
+  explicit Site(const std::source_location& w = std::source_location::current())
+      : file(w.file_name()), line(w.line()), column(w.column()) {}
+  bool operator==(const Site& o) const {
+    return line == o.line && column == o.column && std::strcmp(file, o.file) == 0;
+  }
+  std::string str() const { return std::string(file) + ":" + std::to_string(line); }
+};
+
+// Fiber stacks with a page below each that faults: an overflow stops the process rather than
+// overwriting the next fiber's frames.
+class Stacks {
+ public:
+  explicit Stacks(int n) : page_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {
+    bytes_ = static_cast<size_t>(n) * (kStackBytes + page_);
+    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map fiber stacks");
+    base_ = static_cast<char*>(p);
+    for (int i = 0; i < n; ++i) {
+      mprotect(base_ + static_cast<size_t>(i) * (kStackBytes + page_), page_, PROT_NONE);
+    }
+  }
+  ~Stacks() { munmap(base_, bytes_); }
+  Stacks(const Stacks&) = delete;
+  Stacks& operator=(const Stacks&) = delete;
+  // One past the top of fiber i's stack.
+  char* top(int i) const { return base_ + static_cast<size_t>(i + 1) * (kStackBytes + page_); }
+
+ private:
+  size_t page_, bytes_ = 0;
+  char* base_ = nullptr;
+};
 
 // What a fiber waits for; kRunnable: nothing.
 enum class Wait { kRunnable, kBlock, kWarp, kGrid, kDone, kAborted };
@@ -115,6 +155,8 @@ struct Block {
   int live = 0;
   int at_block = 0;
   int at_grid = 0;
+  Site block_site, grid_site;
+  std::vector<Site> warp_site;
   std::vector<int> warp_arrived;
   std::vector<int> warp_exited;
   std::vector<uint64_t> warp_gen;
@@ -153,13 +195,15 @@ void release(Block& b, int begin, int end, Wait w) {
 
 extern "C" void fiber_entry() {
   Block& b = *tl_block;
+  std::string failure;  // the handler ends before the fiber parks for good
   try {
     (*b.launch->kernel)();
   } catch (const std::exception& e) {
-    abort_block(b, std::string("exception in a kernel thread: ") + e.what());
+    failure = std::string("exception in a kernel thread: ") + e.what();
   } catch (...) {
-    abort_block(b, "exception in a kernel thread");
+    failure = "exception in a kernel thread";
   }
+  if (!failure.empty()) abort_block(b, failure);
   --b.live;
   if (b.at_block > 0 || b.at_grid > 0) {
     abort_block(b, "a thread exited while others of its block wait at a barrier");
@@ -184,7 +228,8 @@ std::string describe_deadlock(const Block& b) {
          " at grid.sync, " + std::to_string(b.live) + " not finished";
 }
 
-void run_block(Launch& launch, Dim idx) {
+// Runs block idx on the calling OS thread, its fibers on `stacks` (one per thread of the block).
+void run_block(Launch& launch, Dim idx, const Stacks& stacks) {
   Block b;
   b.launch = &launch;
   b.idx = idx;
@@ -193,9 +238,9 @@ void run_block(Launch& launch, Dim idx) {
   const int warps = (n + kWarp - 1) / kWarp;
   b.warp_arrived.assign(warps, 0);
   b.warp_exited.assign(warps, 0);
+  b.warp_site.assign(warps, Site());
   b.warp_gen.assign(warps, 0);
   b.warp_slots.assign(static_cast<size_t>(warps) * 2 * kWarp, 0);
-  const std::unique_ptr<char[]> stacks(new char[static_cast<size_t>(n) * kStackBytes]);
   b.fibers.resize(n);
   for (int i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
@@ -205,8 +250,7 @@ void run_block(Launch& launch, Dim idx) {
     // A frame cuda_emu_switch resumes into fiber_entry: six callee-saved registers, then
     // fiber_entry as the return address, then a null return address for fiber_entry itself (so
     // that it starts with the stack aligned as after a call).
-    const auto top = reinterpret_cast<uintptr_t>(stacks.get() + (static_cast<size_t>(i) + 1) *
-                                                                    kStackBytes) & ~uintptr_t{15};
+    const auto top = reinterpret_cast<uintptr_t>(stacks.top(i)) & ~uintptr_t{15};
     void** sp = reinterpret_cast<void**>(top);
     *--sp = nullptr;
     *--sp = reinterpret_cast<void*>(&fiber_entry);
@@ -214,8 +258,9 @@ void run_block(Launch& launch, Dim idx) {
     f.sp = sp;
   }
   b.live = n;
-  tl_block = &b;
+  // First: block_start may overwrite this module's thread-local storage, tl_block included.
   if (launch.block_start != nullptr && *launch.block_start) (*launch.block_start)();
+  tl_block = &b;
   while (b.live > 0 && b.error.empty()) {
     bool ran = false;
     for (Fiber& f : b.fibers) {
@@ -253,9 +298,20 @@ void check_none_exited(Block& b, const char* barrier) {
   }
 }
 
-void syncthreads() {
+// Records the call site of the first arrival at a barrier, and checks the others' against it.
+void check_site(Block& b, bool first, Site& expected, const Site& here, const char* what) {
+  if (first) {
+    expected = here;
+  } else if (!(expected == here)) {
+    abort_block(b, std::string(what) + " reached from " + here.str() + " while others wait at " +
+                       expected.str());
+  }
+}
+
+void syncthreads(const std::source_location& where) {
   Block& b = current_block();
   check_none_exited(b, "__syncthreads");
+  check_site(b, b.at_block == 0, b.block_site, Site(where), "__syncthreads");
   if (++b.at_block == b.live) {
     b.at_block = 0;
     release(b, 0, static_cast<int>(b.fibers.size()), Wait::kBlock);
@@ -264,13 +320,15 @@ void syncthreads() {
   park(b, Wait::kBlock);
 }
 
-uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int offset) {
+uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int offset,
+                       const std::source_location& where) {
   Block& b = current_block();
   if (mask != kFullMask) abort_block(b, "only full-warp shuffles are emulated");
   if (b.fibers.size() % kWarp != 0) abort_block(b, "shuffle in a block of partial warps");
   if (offset <= 0 || offset >= kWarp) abort_block(b, "shuffle offset outside 1..31");
   const int warp = b.current->linear / kWarp, lane = b.current->linear % kWarp;
   if (b.warp_exited[warp] > 0) abort_block(b, "shuffle after some lanes of the warp exited");
+  check_site(b, b.warp_arrived[warp] == 0, b.warp_site[warp], Site(where), "shuffle");
   // Two slot sets, alternating per shuffle: a lane can only reach the shuffle after next (and
   // overwrite this one's slot) once every lane has passed the next one, i.e. read this one.
   uint64_t* slots = &b.warp_slots[(static_cast<size_t>(warp) * 2 + (b.warp_gen[warp] & 1)) * kWarp];
@@ -285,10 +343,11 @@ uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int offset) {
   return slots[lane ^ offset];
 }
 
-void grid_sync() {
+void grid_sync(const std::source_location& where) {
   Block& b = current_block();
   if (!b.launch->cooperative) abort_block(b, "grid.sync() in a launch that is not cooperative");
   check_none_exited(b, "grid.sync()");
+  check_site(b, b.at_grid == 0, b.grid_site, Site(where), "grid.sync()");
   if (++b.at_grid == b.live) {
     b.at_grid = 0;
     if (!b.launch->barrier()) abort_block(b, "another block failed");
@@ -319,13 +378,22 @@ void launch(Dim grid, Dim block, size_t dynamic_smem, bool cooperative,
     return Dim{static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
                static_cast<unsigned>(i / (int64_t{grid.x} * grid.y))};
   };
+  const int n = static_cast<int>(threads);
   if (!cooperative) {
-    for (int64_t i = 0; i < l.blocks && !l.failed; ++i) run_block(l, index(i));
+    const Stacks stacks(n);  // the blocks take turns on them
+    for (int64_t i = 0; i < l.blocks && !l.failed; ++i) run_block(l, index(i), stacks);
   } else {
     std::vector<std::thread> threads_of_blocks;
     threads_of_blocks.reserve(static_cast<size_t>(l.blocks));
     for (int64_t i = 0; i < l.blocks; ++i) {
-      threads_of_blocks.emplace_back([&l, idx = index(i)] { run_block(l, idx); });
+      threads_of_blocks.emplace_back([&l, n, idx = index(i)] {
+        try {
+          const Stacks stacks(n);
+          run_block(l, idx, stacks);
+        } catch (const std::exception& e) {
+          l.fail(e.what());
+        }
+      });
     }
     for (std::thread& t : threads_of_blocks) t.join();
   }

@@ -4,6 +4,8 @@
 // (cuda_plan.h). A C interface for ctypes (tests/test_cuda_emulated.py).
 #include "emulator.h"  // first: the CUDA builtins the kernel headers use
 
+#include <link.h>
+
 namespace fused_rnn::cuda {
 // The persistent kernel's `extern __shared__` buffer: one per OS thread, i.e. per emulated block.
 // (The kernel's block-scope `extern thread_local` declaration would call a TLS init hook, which a
@@ -30,6 +32,43 @@ using namespace fused_rnn::cuda;
 namespace plan = fused_rnn::cuda_plan;
 
 enum PathCode { kPersistent = 0, kPerStep = 1, kPerStepCublas = 2 };
+
+// Fills this module's thread-local storage on the calling thread with 0xff bytes (NaN in every
+// floating type): the kernels' static and dynamic shared memory (and the emulator's own
+// thread-locals, which launch() sets after this). A block then sees undefined shared memory as
+// NaN, as a GPU may leave it, not as the zeros (or the previous block's values) a plain
+// thread_local would hold.
+void poison_shared_memory() {
+  smem_raw[0] = 0;  // this thread's instance exists from here on
+  struct Query {
+    uintptr_t inside;
+    unsigned char* data = nullptr;
+    size_t size = 0;
+  };
+  static const char anchor = 0;
+  Query q{reinterpret_cast<uintptr_t>(&anchor)};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* arg) -> int {
+        auto* q = static_cast<Query*>(arg);
+        bool ours = false;
+        size_t tls_size = 0;
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          const uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+          if (ph.p_type == PT_LOAD && q->inside >= lo && q->inside < lo + ph.p_memsz) ours = true;
+          if (ph.p_type == PT_TLS) tls_size = ph.p_memsz;
+        }
+        if (!ours) return 0;
+        q->data = static_cast<unsigned char*>(info->dlpi_tls_data);
+        q->size = tls_size;
+        return 1;
+      },
+      &q);
+  if (q.data == nullptr || q.size < sizeof(smem_raw)) {
+    throw std::runtime_error("cuda_emu harness: cannot find this module's thread-local storage");
+  }
+  std::memset(q.data, 0xff, q.size);
+}
 
 struct Problem {
   int path;
@@ -87,15 +126,13 @@ void run(const Problem& p) {
       dirs[d].hn = static_cast<T*>(p.hn[d]);
     }
   }
-  const std::function<void()> nothing;
+  const std::function<void()> poison = poison_shared_memory;
   const cuda_emu::Dim threads{static_cast<unsigned>(kThreads), 1, 1};
 
   if (p.path == kPersistent) {
     const int64_t rows = p.rows_per_block;
     const PersistentArgs<T> a = persistent_args(H, D, (H + rows - 1) / rows, tab, dirs, p.relu);
     const size_t smem = static_cast<size_t>(rows * H) * sizeof(T);
-    // Shared memory starts as NaN bytes: a read of a slot the kernel never wrote shows in results.
-    const std::function<void()> poison = [smem] { std::memset(smem_raw, 0xff, smem); };
     std::function<void()> kernel;
     if (rows == 8) kernel = [&a] { persistent_variant<T, 8, kBackward>(a); };
     if (rows == 16) kernel = [&a] { persistent_variant<T, 16, kBackward>(a); };
@@ -119,7 +156,7 @@ void run(const Problem& p) {
         cuda_emu::launch({static_cast<unsigned>(plan::step_grid_x(st.rows)),
                           static_cast<unsigned>(plan::step_grid_y(H)), 1},
                          threads, 0, false,
-                         [&] { step_recurrence_kernel<T, kBackward>(st, w, H, p.relu); }, nothing);
+                         [&] { step_recurrence_kernel<T, kBackward>(st, w, H, p.relu); }, poison);
       } else {
         // Rows the GEMMs do not reach hold NaN: the epilogue must not read them.
         std::fill(ws.begin(), ws.end(), std::numeric_limits<acc_t<T>>::quiet_NaN());
@@ -132,7 +169,7 @@ void run(const Problem& p) {
                           static_cast<unsigned>(plan::epilogue_grid_y(st.rows)), 1},
                          threads, 0, false,
                          [&] { step_epilogue_kernel<T, kBackward>(st, ws_ptr, gemm_rows, H, p.relu); },
-                         nothing);
+                         poison);
       }
     }
   }
@@ -200,6 +237,26 @@ void selftest(int which, int64_t* result) {
         if (threadIdx.x < 16) result[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
       }, nothing);
       return;
+    case 6:  // threads meeting at two different __syncthreads calls: reported
+      cuda_emu::launch({1, 1, 1}, {64, 1, 1}, 0, false, [&] {
+        if (threadIdx.x % 2 == 0) {
+          __syncthreads();
+        } else {
+          __syncthreads();
+        }
+      }, nothing);
+      return;
+    case 7: {  // shared memory starts as NaN in every block (block_start poisons it)
+      const std::function<void()> poison = poison_shared_memory;
+      cuda_emu::launch({2, 1, 1}, {32, 1, 1}, 0, false, [&] {
+        __shared__ double s[32];
+        const double seen = s[threadIdx.x];
+        __syncthreads();
+        s[threadIdx.x] = 1.0;  // what the next block would see if nothing poisoned it
+        std::memcpy(&result[blockIdx.x * 32 + threadIdx.x], &seen, sizeof(seen));
+      }, poison);
+      return;
+    }
     default:
       throw std::runtime_error("no such self-test");
   }
@@ -218,6 +275,7 @@ int emu_recurrence(int dtype, int backward, int path, int rows_per_block, int64_
                    int64_t batch, const int64_t* bs, const int64_t* off, int64_t H, int64_t D,
                    void* buf, const void* out, void* const* w, void* const* h0, void* const* hn,
                    void* const* dhn, int relu, char* err, int64_t errlen) {
+  if (errlen > 0) err[0] = '\0';
   const Problem p{path, rows_per_block, steps, batch, bs, off, H, D, buf, out, w, h0, hn, dhn,
                   relu != 0};
   try {
@@ -244,6 +302,7 @@ int emu_recurrence(int dtype, int backward, int path, int rows_per_block, int64_
 }
 
 int emu_selftest(int which, int64_t* result, char* err, int64_t errlen) {
+  if (errlen > 0) err[0] = '\0';
   try {
     selftest(which, result);
   } catch (const std::exception& e) {

@@ -6,7 +6,9 @@
 namespace cooperative_groups {
 
 struct grid_group {
-  void sync() const { cuda_emu::grid_sync(); }
+  void sync(std::source_location where = std::source_location::current()) const {
+    cuda_emu::grid_sync(where);
+  }
 };
 
 inline grid_group this_grid() { return {}; }
