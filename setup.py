@@ -135,8 +135,11 @@ cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")
 use_cuda = want_cuda() and bool(cuda_sources) and not sanitize
 
 if use_cuda:
-    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v,-warn-spills",
-                  "-DFUSED_RNN_WITH_CUDA"] + (["-Werror=all-warnings"] if werror else [])
+    # ptxas: a register spill or any local memory (an array the compiler could not keep in
+    # registers) in a kernel is a warning, so an error under -Werror.
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                  "-Xptxas=-v,-warn-spills,-warn-lmem-usage", "-DFUSED_RNN_WITH_CUDA"]
+    nvcc_flags += ["-Werror=all-warnings"] if werror else []
     for folder in cuda_library_include_dirs():
         nvcc_flags += ["-isystem", folder]
     ext = CUDAExtension(

@@ -5,8 +5,9 @@
 // the rows of W_hhᵀ) in shared memory for the whole sequence. Per step the 8 warps form groups of
 // `split` warps (persistent_k_split: 1 for steps of 5 or more rows, up to 8 for a single row), group g
 // taking batch rows m = g, g + 8/split, ...; the lanes of a group stride over k, every lane
-// accumulating all R dot products, then a butterfly reduction per warp and, for split > 1, a sum of
-// the group's partial sums through shared memory; lane r finishes column j0 + r with the epilogue.
+// accumulating all R dot products, then a reduce-scatter across each warp's lanes
+// (warp_reduce_scatter) and, for split > 1, a sum of the group's partial sums through shared memory;
+// one lane per column finishes it with the epilogue.
 // Splitting k keeps every warp busy at small batches, where a step's time is the latency of one
 // warp's H/32 dependent loads of h_{t-1}. A grid-wide barrier separates steps: step t reads rows
 // that other blocks wrote at the step before, so those loads bypass L1.
@@ -77,6 +78,38 @@ C10_HOST_DEVICE inline int persistent_k_split(int64_t rows, int warps) {
   return split;
 }
 
+// Sums each of the R values in acc over the warp's 32 lanes. The first log2(R) levels halve: a lane
+// keeps half of its values, sends its partner the other half and adds what it receives; plain
+// butterfly levels finish. Then acc[0] of lane l holds the total of value l / (32 / R) (as do all
+// 32 / R lanes of its group): R − 1 + 5 − log2(R) shuffles instead of 5R, in the same 5 levels.
+// One level of warp_reduce_scatter, then the next: exchange partner lane ^ OFFSET; HALF values sent
+// (0: a plain butterfly level on acc[0]). Compile-time levels, so that acc stays in registers.
+template <int OFFSET, int HALF, int ROWS, typename A>
+__device__ inline void reduce_scatter_level(A (&acc)[ROWS], int lane) {
+  if constexpr (HALF >= 1) {
+    const bool upper = (lane & OFFSET) != 0;  // keeps values [HALF, 2·HALF), sends [0, HALF)
+#pragma unroll
+    for (int i = 0; i < HALF; ++i) {
+      const A send = upper ? acc[i] : acc[i + HALF];
+      const A keep = upper ? acc[i + HALF] : acc[i];
+      acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFFSET);
+    }
+  } else {
+    acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], OFFSET);
+  }
+  if constexpr (OFFSET > 1) reduce_scatter_level<OFFSET / 2, HALF / 2, ROWS>(acc, lane);
+}
+
+// Sums each of the R values in acc over the warp's 32 lanes. The first log2(R) levels halve: a lane
+// keeps half of its values, sends its partner the other half and adds what it receives; plain
+// butterfly levels finish. Then acc[0] of lane l holds the total of value l / (32 / R) (as do all
+// 32 / R lanes of its group): R − 1 + 5 − log2(R) shuffles instead of 5R, in the same 5 levels.
+template <int ROWS, typename A>
+__device__ inline void warp_reduce_scatter(A (&acc)[ROWS], int lane) {
+  static_assert(ROWS >= 1 && ROWS <= 32 && (ROWS & (ROWS - 1)) == 0, "R: a power of 2 up to 32");
+  reduce_scatter_level<16, ROWS / 2, ROWS>(acc, lane);
+}
+
 template <typename T, int ROWS, bool kBackward>
 __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
     persistent_recurrence_kernel(PersistentArgs<T> p) {
@@ -102,6 +135,10 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
 
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  // After warp_reduce_scatter: this lane holds column j0 + r_mine; one lane per column writes it.
+  constexpr int kLanesPerColumn = 32 / ROWS;
+  const int r_mine = lane / kLanesPerColumn;
+  const bool column_leader = lane % kLanesPerColumn == 0;
   T* buf = p.buf + d * H;
   for (int64_t s = 0; s < p.tab.steps; ++s) {
     const StepRows<T> st =
@@ -126,36 +163,20 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
           for (int r = 0; r < ROWS; ++r) acc[r] += a * static_cast<A>(ws[r * H + k]);
         }
       }
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) {
-          acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
-        }
-      }
+      warp_reduce_scatter(acc, lane);
       if (split > 1) {
         // The group's first warp adds the others' partial sums (in a fixed order: deterministic).
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-          if (lane == r) partial[warp][r] = acc[r];
-        }
+        if (column_leader) partial[warp][r_mine] = acc[0];
         __syncthreads();
-        if (part == 0 && lane < ROWS) {
-          A others(0);
-          for (int q = 1; q < split; ++q) others += partial[warp + q][lane];
-#pragma unroll
-          for (int r = 0; r < ROWS; ++r) {
-            if (lane == r) acc[r] += others;
-          }
+        if (part == 0 && column_leader) {
+          for (int q = 1; q < split; ++q) acc[0] += partial[warp + q][r_mine];
         }
         // Never taken while a split step has one pass per group (persistent_k_split); keeps partial
         // safe for any split. grid.sync, a block barrier too, ends each step.
         if (pass + 1 < passes) __syncthreads();
       }
-      if (!active || part != 0) continue;
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        if (lane == r && r < nrows) step_epilogue<T, kBackward>(st, m, j0 + r, H, acc[r], p.relu);
+      if (active && part == 0 && column_leader && r_mine < nrows) {
+        step_epilogue<T, kBackward>(st, m, j0 + r_mine, H, acc[0], p.relu);
       }
     }
     grid.sync();
