@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a GPU and no network, using its own torch. Stages, in order:
-#   build       pip install --no-build-isolation -e . (incremental: ninja keeps build/)
+#   build       pip install --no-build-isolation -e . (incremental: ninja keeps build/); warnings
+#               (ptxas spills, local memory) listed in the summary rather than failing the check
 #   smoke       every CUDA path on a small packed/padded, tanh/relu, 2-layer bidirectional case,
 #               forward + backward against float64 nn.RNN (bench/sanitize_case.py): runs, ends, agrees
 #   tests-cuda  the CUDA tests (pytest -k cuda, less the CPU-only test_cuda_plan/_emulated)
@@ -130,6 +131,10 @@ write_summary() {
         echo "| $k | not run | | |"
       fi
     done
+    if [ -s "$STATE/build-warnings.txt" ]; then
+      echo; echo "ptxas warnings of the latest build (errors in CI):"; echo; echo '```'
+      cat "$STATE/build-warnings.txt"; echo '```'
+    fi
     for dtype in float32 bfloat16; do
       if [ -f "$STATE/$dtype-results.md" ]; then echo; cat "$STATE/$dtype-results.md"; fi
     done
@@ -157,7 +162,15 @@ publish() {
 FAILED=0
 for s in $RUN_STAGES; do
   case $s in
-    build) stage build "$PY" -m pip install --no-build-isolation --no-deps -v -e . ;;
+    build)
+      # Warnings do not stop the check: the device's nvcc may allocate registers differently from
+      # CI's (where -Werror holds, spills and local memory included). Its ptxas warnings go to the
+      # summary instead.
+      mark=$(wc -l < "$LOG")
+      stage build env FUSED_RNN_WERROR=0 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+      rc=$?
+      tail -n +"$((mark + 1))" "$LOG" | grep -E "ptxas (warning|error)" > "$STATE/build-warnings.txt"
+      [ $rc -eq 0 ] ;;
     # A hang (say, a grid barrier that never opens) must not eat the call: smoke normally takes
     # seconds.
     smoke) STAGE_CAP=150 stage smoke "$PY" bench/sanitize_case.py --path all ;;

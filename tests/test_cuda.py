@@ -28,7 +28,7 @@ EMULATED = DEV != "cuda"
 pytestmark = [pytest.mark.cuda] + ([] if EMULATED else [requires_cuda])
 gpu_only = pytest.mark.skipif(EMULATED, reason="needs the GPU itself")
 H100 = dict(sm_count=132, smem_per_sm=233472, smem_per_block_optin=232448,
-            max_threads_per_sm=2048, regs_per_sm=65536, regs_per_thread={8: 80, 16: 96, 32: 128})
+            max_threads_per_sm=2048, regs_per_sm=65536, regs_per_thread={8: 96, 16: 128, 32: 128})
 
 
 def _device_plan(hidden, batch, directions, dtype, backward):

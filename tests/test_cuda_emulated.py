@@ -140,19 +140,19 @@ TOLERANCE = {torch.float64: 1e-14, torch.float32: 4e-6, torch.bfloat16: 3e-2, to
 
 def _case(path, rows_per_block, dtype, directions, packed, relu, seed):
     """A layer shaped to cross each path's tile boundaries: the persistent kernel's last block
-    partial (H = 259) and its steps of 11, 5, 4, 3, 2 and 1 rows (two passes of 8 warps, then
-    rows split over k across 1, 2, 2, 2, 4 and 8 warps; padded: 2 rows, 4 warps each), the per-step
-    kernel's 64-wide tiles partial in both dimensions."""
+    partial (H = 259) and its steps of 19, 11, 5, 4, 3, 2 and 1 rows (19 and 11: two rows per warp,
+    over two passes for some warps at 19, the last row some warp's second at 11; then rows split
+    over k across 1, 2, 2, 2, 4 and 8 warps; padded: 2 rows, 4 warps each), the per-step kernel's
+    64-wide tiles partial in both dimensions."""
     g = torch.Generator().manual_seed(seed)
-    steps = 6
     if path == "persistent":
         # H = 8·32 + 3: at a split of 8 every warp's slice of k has work; the last block partial.
-        hidden, batch = 259, 11 if packed else 2
-        lengths = [6, 5, 4, 3, 2] + [1] * 6
+        steps, hidden, batch = 7, 259, 19 if packed else 2
+        lengths = [7, 6, 5, 4, 3] + [2] * 6 + [1] * 8
     else:
         # Padded: two column tiles, the second partial. Packed: H below one k chunk (16), so the
         # first chunk's tile is partial too (a slot left unwritten holds whatever shared memory held).
-        hidden, batch = (13 if packed else 70), 67
+        steps, hidden, batch = 6, (13 if packed else 70), 67
         lengths = sorted([steps, steps] + torch.randint(1, steps + 1, (batch - 2,), generator=g).tolist(),
                          reverse=True)
     if packed:

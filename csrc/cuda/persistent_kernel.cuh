@@ -7,7 +7,8 @@
 // taking batch rows m = g, g + 8/split, ...; the lanes of a group stride over k, every lane
 // accumulating all R dot products, then a reduce-scatter across each warp's lanes
 // (warp_reduce_scatter) and, for split > 1, a sum of the group's partial sums through shared memory;
-// one lane per column finishes it with the epilogue.
+// one lane per column finishes it with the epilogue. Steps with more than 8 rows (R ≤ 16) give each
+// warp two rows at a time instead, rows m and m + 8 sharing every load of W.
 // Splitting k keeps every warp busy at small batches, where a step's time is the latency of one
 // warp's H/32 dependent loads of h_{t-1}. A grid-wide barrier separates steps: step t reads rows
 // that other blocks wrote at the step before, so those loads bypass L1.
@@ -139,11 +140,47 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
   constexpr int kLanesPerColumn = 32 / ROWS;
   const int r_mine = lane / kLanesPerColumn;
   const bool column_leader = lane % kLanesPerColumn == 0;
+  // Two rows per warp at a time where the step has more rows than warps; not at R = 32, whose 64
+  // accumulators would not fit in registers.
+  constexpr bool kPairs = ROWS <= 16;
   T* buf = p.buf + d * H;
   for (int64_t s = 0; s < p.tab.steps; ++s) {
     const StepRows<T> st =
         kBackward ? backward_step<T>(s, d == 1, p.tab, buf, p.ld, p.out + d * H, p.dhn[d])
                   : forward_step<T>(s, d == 1, p.tab, buf, p.ld, p.h0[d], p.hn[d], H);
+    if (kPairs && st.rows > warps) {
+      // More rows than warps: each warp takes rows m0 and m0 + 8 together, so that every value of
+      // W read from shared memory serves two multiply-adds (one row at a time, the loop is bound by
+      // those loads). No barrier in this branch.
+      for (int64_t m0 = warp; m0 < st.rows; m0 += 2 * warps) {
+        const int64_t m1 = m0 + warps;
+        const T* row0 = step_input_row(st, m0);
+        const T* row1 = m1 < st.rows ? step_input_row(st, m1) : nullptr;
+        A acc0[ROWS], acc1[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = A(0);
+        if (row0 != nullptr || row1 != nullptr) {
+          for (int64_t k = lane; k < H; k += 32) {
+            const A a0 = row0 != nullptr ? static_cast<A>(load_cg(row0 + k)) : A(0);
+            const A a1 = row1 != nullptr ? static_cast<A>(load_cg(row1 + k)) : A(0);
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+              const A wv = static_cast<A>(ws[r * H + k]);
+              acc0[r] += a0 * wv;
+              acc1[r] += a1 * wv;
+            }
+          }
+        }
+        warp_reduce_scatter(acc0, lane);
+        warp_reduce_scatter(acc1, lane);
+        if (column_leader && r_mine < nrows) {
+          step_epilogue<T, kBackward>(st, m0, j0 + r_mine, H, acc0[0], p.relu);
+          if (m1 < st.rows) step_epilogue<T, kBackward>(st, m1, j0 + r_mine, H, acc1[0], p.relu);
+        }
+      }
+      grid.sync();
+      continue;
+    }
     const int split = persistent_k_split(st.rows, warps);
     const int groups = warps / split, group = warp / split, part = warp % split;
     // Every warp makes the same number of passes, so that each reaches the barriers below.
