@@ -2,16 +2,20 @@
 //
 // Block b of direction d owns R = ROWS output columns [j0, j0 + R) and keeps the matching R rows of
 // W_hh (forward: W_hh[j][:], so that h_t[j] = act(P_t[j] + h_{t-1} · W_hh[j][:]); BPTT: W_hh[:][j],
-// the rows of W_hhᵀ) in shared memory for the whole sequence. Per step the 8 warps form groups of
-// `split` warps (persistent_k_split: 1 for steps of 5 or more rows, up to 8 for a single row), group g
-// taking batch rows m = g, g + 8/split, ...; the lanes of a group stride over k, every lane
-// accumulating all R dot products, then a reduce-scatter across each warp's lanes
-// (warp_reduce_scatter) and, for split > 1, a sum of the group's partial sums through shared memory;
-// one lane per column finishes it with the epilogue. Steps with more than 8 rows (R ≤ 16) give each
-// warp two rows at a time instead, rows m and m + 8 sharing every load of W.
-// Splitting k keeps every warp busy at small batches, where a step's time is the latency of one
-// warp's H/32 dependent loads of h_{t-1}. A grid-wide barrier separates steps: step t reads rows
-// that other blocks wrote at the step before, so those loads bypass L1.
+// the rows of W_hhᵀ) in shared memory for the whole sequence. A grid-wide barrier separates steps:
+// step t reads rows that other blocks wrote at the step before, so those loads bypass L1.
+//
+// Per step, a block's 8 warps share the step's batch rows one of three ways:
+//   more than 8 rows (R ≤ 16): each warp takes rows m and m + 8 together, so that every W value
+//       loaded from shared memory serves two multiply-adds (one row at a time, the loop issues a
+//       shared load per multiply-add);
+//   5 to 8 rows (and R = 32 above 4): one row per warp at a time;
+//   1 to 4 rows: each row's k range split across 2–8 warps (persistent_k_split), their partial sums
+//       combined through shared memory, so that no warp idles while one walks all of h_{t−1} (at
+//       small batches a step's time is the latency of those dependent loads).
+// A warp's lanes stride over k, each accumulating all R dot products; a reduce-scatter across the
+// lanes (warp_reduce_scatter) leaves each column's total with a group of lanes, and one lane per
+// column finishes it with the epilogue.
 #pragma once
 
 #include <cooperative_groups.h>
