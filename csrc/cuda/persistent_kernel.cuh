@@ -164,6 +164,9 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = A(0);
         if (row0 != nullptr || row1 != nullptr) {
+          // Unrolled so that several iterations' loads of h are in flight together (not for
+          // double: even 2 copies spill the R = 16 kernel's registers).
+#pragma unroll(sizeof(A) == 8 ? 1 : 4)
           for (int64_t k = lane; k < H; k += 32) {
             const A a0 = row0 != nullptr ? static_cast<A>(load_cg(row0 + k)) : A(0);
             const A a1 = row1 != nullptr ? static_cast<A>(load_cg(row1 + k)) : A(0);
@@ -175,8 +178,18 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
             }
           }
         }
+        // A row without a GEMM term gets exactly 0, as on the one-row path (0 · W is NaN where W is
+        // not finite). Uniform across the warp, as is every condition before a reduce.
+        if (row1 == nullptr) {
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) acc1[r] = A(0);
+        }
+        if (row0 == nullptr) {
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) acc0[r] = A(0);
+        }
         warp_reduce_scatter(acc0, lane);
-        warp_reduce_scatter(acc1, lane);
+        if (m1 < st.rows) warp_reduce_scatter(acc1, lane);
         if (column_leader && r_mine < nrows) {
           step_epilogue<T, kBackward>(st, m0, j0 + r_mine, H, acc0[0], p.relu);
           if (m1 < st.rows) step_epilogue<T, kBackward>(st, m1, j0 + r_mine, H, acc1[0], p.relu);
@@ -198,10 +211,25 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) acc[r] = A(0);
       if (row != nullptr) {
-        for (int64_t k = part * 32 + lane; k < H; k += 32 * split) {
-          const A a = static_cast<A>(load_cg(row + k));
+        // kLoads loads of h issued before their multiply-adds: the stride is known only at run
+        // time, so an unrolled loop would still wait on each load in turn (4 spill the double
+        // R = 16 kernel's registers; 2 do not).
+        constexpr int kLoads = sizeof(A) == 8 ? 2 : 4;
+        const int64_t stride = 32 * split;
+        for (int64_t k0 = part * 32 + lane; k0 < H; k0 += kLoads * stride) {
+          A a[kLoads];
 #pragma unroll
-          for (int r = 0; r < ROWS; ++r) acc[r] += a * static_cast<A>(ws[r * H + k]);
+          for (int u = 0; u < kLoads; ++u) {
+            const int64_t k = k0 + u * stride;
+            a[u] = k < H ? static_cast<A>(load_cg(row + k)) : A(0);
+          }
+#pragma unroll
+          for (int u = 0; u < kLoads; ++u) {
+            const int64_t k = k0 + u * stride;
+            if (k >= H) break;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) acc[r] += a[u] * static_cast<A>(ws[r * H + k]);
+          }
         }
       }
       warp_reduce_scatter(acc, lane);
