@@ -236,3 +236,30 @@ def test_emulator_runs_warps_barriers_and_grids_as_cuda_does(emulator):
     assert "shuffle" in run(5)[1]
     assert "reached from" in run(6)[1]  # a barrier in divergent code
     assert run(7) == (0, "") and result[:64].view(torch.float64).isnan().all()
+
+
+@pytest.mark.parametrize("path,rows_per_block", VARIANTS,
+                         ids=[f"{p}{r or ''}" for p, r in VARIANTS])
+def test_emulated_bptt_rows_without_a_gemm_term_ignore_w_hh(emulator, path, rows_per_block):
+    # A row whose sequence ends at step t has no dA_{t+1} · W_hh term there: its dA_t is
+    # (dH_t + dh_n) ⊙ act'(h_t) whatever W_hh holds, as in cuDNN, which multiplies only the rows
+    # that go on. With an infinite weight, 0 · W would make it NaN.
+    c = _case(path, rows_per_block, torch.float32, 1, True, False, seed=7)
+    H, B = c["hidden"], c["batch"]
+    w_hh = c["w_hh"][0].clone()
+    w_hh[1, 2] = float("inf")
+    out = torch.tanh(c["x"])  # any h_t in (-1, 1): BPTT takes the forward's output as given
+    dA = c["dH"].clone()
+    emulate(emulator, backward=True, path=path, rows_per_block=rows_per_block, buf=dA, out=out,
+            w=[w_hh], h0=[], hn=[], dhn=list(c["dhn"]), batch_sizes=c["batch_sizes"], batch=B,
+            relu=False)
+    bs = c["batch_sizes"].tolist() + [0]
+    offset = 0
+    for t in range(len(bs) - 1):
+        ending = slice(offset + bs[t + 1], offset + bs[t])  # rows [bs[t+1], bs[t]) of step t
+        expected = (c["dH"][ending].double() + c["dhn"][0, bs[t + 1]:bs[t]].double()) \
+            * (1 - out[ending].double() ** 2)
+        torch.testing.assert_close(dA[ending].double(), expected, rtol=0,
+                                   atol=TOLERANCE[torch.float32])
+        offset += bs[t]
+    assert not dA.isfinite().all()  # the infinite weight did reach the rows that go on

@@ -178,8 +178,8 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
             }
           }
         }
-        // A row without a GEMM term gets exactly 0, as on the one-row path (0 · W is NaN where W is
-        // not finite). Uniform across the warp, as is every condition before a reduce.
+        // A row without a GEMM term gets exactly 0, as on the one-row path (step_has_gemm_term).
+        // Uniform across the warp, as is every condition before a reduce.
         if (row1 == nullptr) {
 #pragma unroll
           for (int r = 0; r < ROWS; ++r) acc1[r] = A(0);

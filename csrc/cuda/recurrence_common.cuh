@@ -196,4 +196,12 @@ C10_HOST_DEVICE inline const T* step_input_row(const StepRows<T>& st, int64_t m)
   return st.a2 != nullptr ? st.a2 + m * st.lda2 : nullptr;
 }
 
+// Whether step row m has a GEMM term. A kernel that multiplies zeros for a row without one must
+// drop that sum rather than use it: 0 · W is NaN where W is not finite, and such a row's result
+// (a sequence's last BPTT step) does not depend on W_hh, as in cuDNN.
+template <typename T>
+C10_HOST_DEVICE inline bool step_has_gemm_term(const StepRows<T>& st, int64_t m) {
+  return m < st.cont || st.a2 != nullptr;
+}
+
 }  // namespace fused_rnn::cuda

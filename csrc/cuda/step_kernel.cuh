@@ -81,10 +81,14 @@ __global__ void __launch_bounds__(kThreads)
 
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
+    const int64_t m = m0 + ty * kPer + i;
+    const bool gemm = step_has_gemm_term(st, m);  // else the tile multiplied zeros: drop the sum
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
-      const int64_t m = m0 + ty * kPer + i, n = n0 + tx * kPer + j;
-      if (m < st.rows && n < H) step_epilogue<T, kBackward>(st, m, n, H, acc[i][j], relu);
+      const int64_t n = n0 + tx * kPer + j;
+      if (m < st.rows && n < H) {
+        step_epilogue<T, kBackward>(st, m, n, H, gemm ? acc[i][j] : A(0), relu);
+      }
     }
   }
 }
