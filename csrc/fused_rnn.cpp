@@ -104,26 +104,27 @@ PyObject* plan_cuda_path(PyObject*, PyObject* args) {
   }
 }
 
-PyObject* set_cuda_path(PyObject*, PyObject* args) {
-  const char* path;
-  if (!PyArg_ParseTuple(args, "s", &path)) return nullptr;
+// Runs a setter: None, or its rejection of the value as a ValueError.
+template <typename Set>
+PyObject* call_setter(Set&& set) {
   try {
-    fused_rnn::cuda_plan::set_forced_path(path);
+    set();
   } catch (const std::exception& e) {
     return raise(PyExc_ValueError, e);
   }
   Py_RETURN_NONE;
 }
 
+PyObject* set_cuda_path(PyObject*, PyObject* args) {
+  const char* path;
+  if (!PyArg_ParseTuple(args, "s", &path)) return nullptr;
+  return call_setter([&] { fused_rnn::cuda_plan::set_forced_path(path); });
+}
+
 PyObject* set_persistent_rows(PyObject*, PyObject* args) {
   long long rows;
   if (!PyArg_ParseTuple(args, "L", &rows)) return nullptr;
-  try {
-    fused_rnn::cuda_plan::set_forced_rows(rows);
-  } catch (const std::exception& e) {
-    return raise(PyExc_ValueError, e);
-  }
-  Py_RETURN_NONE;
+  return call_setter([&] { fused_rnn::cuda_plan::set_forced_rows(rows); });
 }
 
 PyObject* get_persistent_rows(PyObject*, PyObject*) {

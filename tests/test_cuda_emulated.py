@@ -94,11 +94,8 @@ def emulate(lib, *, backward, path, rows_per_block, buf, out, w, h0, hn, dhn, ba
     hidden, directions = w[0].shape[0], len(w)
     steps = batch_sizes.numel() if batch_sizes is not None else buf.shape[0] // max(batch, 1)
     bs = off = None
-    if batch_sizes is not None:
-        sizes = [int(b) for b in batch_sizes] + [0]
-        offsets = [0]
-        for b in sizes[:-1]:
-            offsets.append(offsets[-1] + b)
+    if batch_sizes is not None:  # the packed step tables, as rnn_layer.h lays them out
+        sizes, offsets = _reference.schedule(buf, None, batch_sizes)
         bs, off = torch.tensor(sizes, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
     g = {"buf": [_Guarded(buf)], "out": [_Guarded(out)] if out is not None else [],
          "w": [_Guarded(t) for t in w], "h0": [_Guarded(t) for t in h0],
@@ -253,13 +250,11 @@ def test_emulated_bptt_rows_without_a_gemm_term_ignore_w_hh(emulator, path, rows
     emulate(emulator, backward=True, path=path, rows_per_block=rows_per_block, buf=dA, out=out,
             w=[w_hh], h0=[], hn=[], dhn=list(c["dhn"]), batch_sizes=c["batch_sizes"], batch=B,
             relu=False)
-    bs = c["batch_sizes"].tolist() + [0]
-    offset = 0
+    bs, offsets = _reference.schedule(dA, None, c["batch_sizes"])
     for t in range(len(bs) - 1):
-        ending = slice(offset + bs[t + 1], offset + bs[t])  # rows [bs[t+1], bs[t]) of step t
+        ending = slice(offsets[t] + bs[t + 1], offsets[t] + bs[t])  # rows [bs[t+1], bs[t]) of t
         expected = (c["dH"][ending].double() + c["dhn"][0, bs[t + 1]:bs[t]].double()) \
             * (1 - out[ending].double() ** 2)
         torch.testing.assert_close(dA[ending].double(), expected, rtol=0,
                                    atol=TOLERANCE[torch.float32])
-        offset += bs[t]
     assert not dA.isfinite().all()  # the infinite weight did reach the rows that go on

@@ -83,10 +83,6 @@ C10_HOST_DEVICE inline int persistent_k_split(int64_t rows, int warps) {
   return split;
 }
 
-// Sums each of the R values in acc over the warp's 32 lanes. The first log2(R) levels halve: a lane
-// keeps half of its values, sends its partner the other half and adds what it receives; plain
-// butterfly levels finish. Then acc[0] of lane l holds the total of value l / (32 / R) (as do all
-// 32 / R lanes of its group): R − 1 + 5 − log2(R) shuffles instead of 5R, in the same 5 levels.
 // One level of warp_reduce_scatter, then the next: exchange partner lane ^ OFFSET; HALF values sent
 // (0: a plain butterfly level on acc[0]). Compile-time levels, so that acc stays in registers.
 template <int OFFSET, int HALF, int ROWS, typename A>
@@ -163,12 +159,14 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
         A acc0[ROWS], acc1[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = A(0);
-        if (row0 != nullptr || row1 != nullptr) {
+        // Rows without a GEMM term come last in a step (m ≥ cont, and no a2): where row0 has
+        // none, neither has row1, and both stay 0.
+        if (row0 != nullptr) {
           // Unrolled so that several iterations' loads of h are in flight together (not for
           // double: even 2 copies spill the R = 16 kernel's registers).
 #pragma unroll(sizeof(A) == 8 ? 1 : 4)
           for (int64_t k = lane; k < H; k += 32) {
-            const A a0 = row0 != nullptr ? static_cast<A>(load_cg(row0 + k)) : A(0);
+            const A a0 = static_cast<A>(load_cg(row0 + k));
             const A a1 = row1 != nullptr ? static_cast<A>(load_cg(row1 + k)) : A(0);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
@@ -183,10 +181,6 @@ __global__ void __launch_bounds__(cuda_plan::kPersistentThreads, 2)
         if (row1 == nullptr) {
 #pragma unroll
           for (int r = 0; r < ROWS; ++r) acc1[r] = A(0);
-        }
-        if (row0 == nullptr) {
-#pragma unroll
-          for (int r = 0; r < ROWS; ++r) acc0[r] = A(0);
         }
         warp_reduce_scatter(acc0, lane);
         if (m1 < st.rows) warp_reduce_scatter(acc1, lane);
