@@ -394,6 +394,29 @@ def test_caller_stream_is_honoured_every_path(path):
 
 
 @gpu_only
+def test_bidirectional_cublas_steps_leave_no_memory_behind():
+    """The per-step cuBLAS path runs its second direction on one side stream, kept: torch keeps a
+    cuBLAS workspace for every stream its handle has run on, so a new pool stream per call would
+    leave a workspace allocated after each call until all of the pool's streams had been used."""
+    _, fused = make_pair(8, 64, 1, dtype=torch.float32, device=DEV, bidirectional=True)
+    x = torch.randn(5, 4, 8, device=DEV, requires_grad=True)
+
+    def once():
+        out, hn = fused(x)
+        (out.sum() + hn.sum()).backward()
+
+    with _ops.cuda_path("per_step_cublas"):
+        once()
+        _assert_ran("per_step_cublas")
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for _ in range(40):
+            once()
+        torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+@gpu_only
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_second_device_under_another_current_device():
     ref, fused = make_pair(8, 40, 2, dtype=torch.float64, device="cuda:1", bidirectional=True)

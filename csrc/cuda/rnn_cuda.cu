@@ -240,6 +240,20 @@ class SideStreamJoin {
   bool joined_ = false;
 };
 
+// The per-step path's second direction runs on a side stream: one per device, taken from torch's
+// pool on first use and kept. torch keeps a cuBLAS workspace for every (handle, stream) pair it has
+// seen, for the life of the process, so a fresh pool stream per call would leave one workspace
+// behind on each of the pool's streams.
+c10::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::vector<std::optional<c10::cuda::CUDAStream>> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto i = static_cast<size_t>(device);
+  if (streams.size() <= i) streams.resize(i + 1);
+  if (!streams[i]) streams[i] = c10::cuda::getStreamFromPool(false, device);
+  return *streams[i];
+}
+
 // The step tables a kernel reads: packed sequences' from `bs`/`off` (host or device copies of the
 // schedule's), padded ones' from B alone.
 StepTable step_table(const StepSchedule& s, const int64_t* bs, const int64_t* off) {
@@ -319,7 +333,7 @@ void run_recurrence(const LayerShape& s, at::Tensor& buf, const at::Tensor& out,
   std::optional<c10::cuda::CUDAStream> side;
   std::optional<SideStreamJoin> join;
   if (D == 2) {
-    side = c10::cuda::getStreamFromPool(false, dev_index);
+    side = side_stream(dev_index);
     join.emplace(main_stream.stream(), side->stream());
   }
   const StepTable tab = step_table(s.schedule, s.schedule.bs.data(), s.schedule.offset.data());
