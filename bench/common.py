@@ -54,6 +54,14 @@ def make_input(shape: Shape, device: str, dtype: torch.dtype, seed: int = 1) -> 
     return torch.randn(shape.T, shape.B, shape.H, generator=g).to(device=device, dtype=dtype)
 
 
+def require_native(device: str, who: str) -> None:
+    """Stops a benchmark where the extension has no kernels for the device: it would time the
+    pure-PyTorch fallback and call it fused_rnn."""
+    if fused_rnn.backend(device) != "fused":
+        raise SystemExit(f"{who}: the extension has no kernels for {device} (not built, or built "
+                         f"without them), so this would time the pure-PyTorch fallback")
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -88,9 +96,16 @@ def interleaved_medians(fns: List[Callable[[], object]], device: str, reps: int,
 
 
 def forward_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """Inference: no_grad, in eval mode (nn.RNN passes its training flag to cuDNN, whose training
+    forward also writes the reserve buffer a backward would need), the mode restored after."""
     def run():
-        with torch.no_grad():
-            return model(x)
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return model(x)
+        finally:
+            model.train(training)
     return run
 
 
@@ -130,6 +145,22 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
         current += e.nbytes()
         peak = max(peak, current)
     return peak
+
+
+# The ATen ops by which nn.RNN's implementation is known, as the profiler names them.
+NN_RNN_IMPLEMENTATIONS = {"aten::_cudnn_rnn": "cuDNN", "aten::miopen_rnn": "MIOpen",
+                          "aten::mkldnn_rnn_layer": "oneDNN"}
+
+
+def nn_rnn_implementation(model: nn.Module, x: torch.Tensor) -> str:
+    """What nn.RNN ran on for this input: a vendor library (cuDNN where torch's build and the
+    dtype allow it), or "ATen" (its own loop of ATen ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+        model(x)
+    names = {e.name for e in prof.events()}
+    return next((v for k, v in NN_RNN_IMPLEMENTATIONS.items() if k in names), "ATen")
 
 
 def max_abs_diff(ref_model: nn.Module, fused_model: nn.Module, x: torch.Tensor) -> float:

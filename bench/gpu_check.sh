@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a GPU and no network, using its own torch. Stages, in order:
-#   build       pip install --no-build-isolation -e . (incremental: ninja keeps build/); warnings
-#               (ptxas spills, local memory) listed in the summary rather than failing the check
+#   build       pip install --no-build-isolation -e ., CUDA required, for sm_90 only (H100/H200;
+#               TORCH_CUDA_ARCH_LIST overrides) to halve the compile; warnings (ptxas spills, local
+#               memory) listed in the summary rather than failing the check. Where it fails, the
+#               call's other stages are not run.
 #   smoke       every CUDA path on a small packed/padded, tanh/relu, 2-layer bidirectional case,
 #               forward + backward against float64 nn.RNN (bench/sanitize_case.py): runs, ends, agrees
 #   tests-cuda  the CUDA tests (pytest -k cuda, less the CPU-only test_cuda_plan/_emulated)
-#   sanitizer   compute-sanitizer memcheck, racecheck, synccheck over the smoke case (all paths);
+#   sanitizer   compute-sanitizer memcheck (every kernel: cuBLAS's reads of our buffers too),
+#               racecheck and synccheck (our kernels) over the smoke case (all paths), 150 s each;
 #               also one tool at a time: sanitizer-memcheck, sanitizer-racecheck, sanitizer-synccheck
 #   bench       against cuDNN: float32 (TF32 off on both sides) and bfloat16, B ∈ {1, 8, 64, 256} ×
 #               H ∈ {256, 512, 1024, 2048}, T = 512, one layer; also bench-float32, bench-bfloat16
@@ -22,9 +25,11 @@
 # State (each stage's last result, the logs, the bench reports) is kept in $GPU_CHECK_STATE (default
 # bench/out/gpu-check-state) across calls while the machine stays up, so the check can be spread
 # over several commands (a machine given back in between starts bare: keep every call's report),
-#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,smoke,tests-cuda,bench
-#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,sanitizer
-#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,paths,tests
+#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,smoke,bench-float32,tests-cuda
+#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,sanitizer,bench-bfloat16
+#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,tests,paths
+# (stages run in the order given: the benchmark's float32 table, the product's proof, before the
+# long CUDA test run; the CPU tests before the open-ended path timings)
 # and every call's report folder gets the summary of all stages run so far: summary.md (with the
 # tables), logs.txt and results.tar.gz (each dtype's results .json/.md and speedup .png, paths
 # .json/.md): three files, for devices that return few. Unpack it under bench/results/ to commit.
@@ -62,12 +67,13 @@ REPORT=${REPORT:-${OUT:-bench/out/gpu-check}}
 STATE=${GPU_CHECK_STATE:-bench/out/gpu-check-state}
 mkdir -p "$REPORT" "$STATE"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 LOG="$STATE/logs.txt"
 STATUS="$STATE/status.tsv"  # stage <tab> result <tab> seconds <tab> date, one line per run
 touch "$STATUS"
 
 remaining() { echo $((DEADLINE - SECONDS)); }
+BUILD_FAILED=0  # set by a failed build stage: the call's later stages would test nothing of ours
 
 stage() {  # stage NAME COMMAND...: run under the deadline (and $STAGE_CAP s), log, record the result
   local name=$1; shift
@@ -75,7 +81,9 @@ stage() {  # stage NAME COMMAND...: run under the deadline (and $STAGE_CAP s), l
   if [ -n "${STAGE_CAP:-}" ] && [ "$STAGE_CAP" -lt "$left" ]; then left=$STAGE_CAP; fi
   local result t0=$SECONDS
   echo "== $name: $*" | tee -a "$LOG"
-  if [ "$left" -lt 20 ]; then
+  if [ "$BUILD_FAILED" = 1 ]; then
+    result="not run (build failed)"
+  elif [ "$left" -lt 20 ]; then
     result="not run (deadline)"
   else
     timeout --kill-after=10 "$left" "$@" >> "$LOG" 2>&1
@@ -101,6 +109,7 @@ SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer
 {
   echo "== call at $(date -u +%Y-%m-%dT%H:%M:%SZ): stages $RUN_STAGES"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  echo "kernel $(uname -r)"  # 4.4.0: a gVisor sandbox, where compute-sanitizer may be refused
   nvcc --version | tail -n 2 || true
   $PY -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
   # A device may get a copy of the working tree without .git: then say GPU_CHECK_COMMIT=<sha>.
@@ -167,9 +176,12 @@ for s in $RUN_STAGES; do
       # CI's (where -Werror holds, spills and local memory included). Its ptxas warnings go to the
       # summary instead.
       mark=$(wc -l < "$LOG")
-      stage build env FUSED_RNN_WERROR=0 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+      stage build env FUSED_RNN_WERROR=0 FUSED_RNN_CUDA=1 \
+        TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+        "$PY" -m pip install --no-build-isolation --no-deps -v -e .
       rc=$?
       tail -n +"$((mark + 1))" "$LOG" | grep -E "ptxas (warning|error)" > "$STATE/build-warnings.txt"
+      [ $rc -eq 0 ] || BUILD_FAILED=1
       [ $rc -eq 0 ] ;;
     # A hang (say, a grid barrier that never opens) must not eat the call: smoke normally takes
     # seconds.
@@ -182,9 +194,16 @@ for s in $RUN_STAGES; do
       -k "cuda and not test_cuda_plan and not test_cuda_emulated" tests ;;
     sanitizer-*)
       # Without torch's caching allocator, so that every tensor is its own allocation and an access
-      # past one is not hidden inside a cached segment; our kernels only (no cuDNN beside them).
-      stage "$s" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "${s#sanitizer-}" \
-        --error-exitcode 3 "$PY" bench/sanitize_case.py --path all --run-only ;;
+      # past one is not hidden inside a cached segment; no cuDNN beside our kernels (--run-only).
+      # memcheck watches every kernel (cuBLAS reading our buffers by our leading dimensions too);
+      # racecheck and synccheck only ours, where a hazard would be ours to fix.
+      tool=${s#sanitizer-}
+      only_ours=()
+      if [ "$tool" != memcheck ]; then
+        only_ours=(--kernel-name kns=recurrence_kernel --kernel-name kns=step_epilogue_kernel)
+      fi
+      STAGE_CAP=150 stage "$s" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
+        "${only_ours[@]}" --error-exitcode 3 "$PY" bench/sanitize_case.py --path all --run-only ;;
     bench-*)
       dtype=${s#bench-}
       rm -rf "$STATE/run-$dtype"

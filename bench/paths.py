@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from bench.common import (Shape, device_name, forward_backward_fn, forward_fn, interleaved_medians,
-                          make_input, make_models, progress, versions)
+                          make_input, make_models, progress, require_native, versions)
 from fused_rnn import _ops
 
 PATHS = ("persistent", "per_step", "per_step_cublas")
@@ -114,6 +114,9 @@ def markdown(report: Dict) -> str:
             lines.append(f"| {r['dtype']} | {r['shape']} | {auto} | {t['nn.RNN'] * 1e3:.3f} | "
                          + " | ".join(cells) + f" | {r[f'best_{mode}']} |")
         lines.append("")
+    if m.get("partial"):
+        lines += [f"**Partial report: {len(report['rows'])} of {m['rows_planned']} rows measured** "
+                  f"(the run was cut short, or is still running).", ""]
     found = misses(report["rows"])
     lines.append(f"Auto's choice more than {round((MISS_MARGIN - 1) * 100)}% slower than the best "
                  f"path: {len(found)} case(s)" + (":" if found else "."))
@@ -135,6 +138,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = args.device
+    require_native(device, "bench.paths")
     if device.startswith("cuda"):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -148,7 +152,8 @@ def main(argv=None) -> int:
     name, driver = device_name(device)
     meta = {"device": name, "device_type": device.split(":")[0], "driver": driver,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "reps": args.reps, "warmup": args.warmup, "versions": versions()}
+            "reps": args.reps, "warmup": args.warmup, "versions": versions(),
+            "rows_planned": len(shapes) * len(dtypes)}
     os.makedirs(args.out, exist_ok=True)
     rows: List[Dict] = []
     total = len(shapes) * len(dtypes)
@@ -162,12 +167,12 @@ def main(argv=None) -> int:
                   "misses": misses(rows)}
         with open(os.path.join(args.out, "paths.json"), "w") as f:
             json.dump(report, f, indent=1)
+        md = markdown(report)
+        with open(os.path.join(args.out, "paths.md"), "w") as f:
+            f.write(md)
     sys.stderr.write(progress(total, total, "done") + "\n")
     if not rows:
         raise SystemExit("bench.paths: no shapes to measure")
-    md = markdown(report)
-    with open(os.path.join(args.out, "paths.md"), "w") as f:
-        f.write(md)
     print(md)
     return 0
 

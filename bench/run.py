@@ -28,7 +28,8 @@ from fused_rnn import _ops
 from bench.common import (HALF_TYPES, Shape, default_tolerance, device_name,
                           errors_against_float32, forward_backward_fn, forward_fn, gemm_gflops,
                           half_type_bound, interleaved_medians, make_input, make_models,
-                          max_abs_diff, peak_memory_bytes, progress, versions)
+                          max_abs_diff, nn_rnn_implementation, peak_memory_bytes, progress,
+                          require_native, versions)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -58,6 +59,7 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
     ref, fused = make_models(shape, device, dtype)
     x = make_input(shape, device, dtype)
     diff = max_abs_diff(ref, fused, x)
+    impl = nn_rnn_implementation(ref, x)
     fwd_ref, fwd_fused = interleaved_medians([forward_fn(ref, x), forward_fn(fused, x)], device,
                                              reps, warmup)
     fb_ref_fn, fb_fused_fn = forward_backward_fn(ref, x), forward_backward_fn(fused, x)
@@ -77,7 +79,7 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
         judged = {}
     return {
         "shape": shape.label, "T": shape.T, "B": shape.B, "H": shape.H, "layers": shape.layers,
-        "bidirectional": shape.bidirectional,
+        "bidirectional": shape.bidirectional, "nn_rnn_implementation": impl,
         "forward_s": {"nn.RNN": fwd_ref, "fused_rnn": fwd_fused},
         "forward_backward_s": {"nn.RNN": fb_ref, "fused_rnn": fb_fused},
         "speedup_forward": fwd_ref / fwd_fused,
@@ -107,16 +109,27 @@ def summarize(rows: List[Dict], gemm: float, device: str) -> Dict:
     return s
 
 
+def implementations(rows: List[Dict]) -> str:
+    """What nn.RNN ran on over the rows: one name, or each name with the shapes it ran."""
+    names = sorted({r.get("nn_rnn_implementation", "?") for r in rows})
+    if len(names) == 1:
+        return f"{names[0]} at every shape"
+    return "; ".join(f"{n} at " + ", ".join(r["shape"] for r in rows
+                                          if r.get("nn_rnn_implementation", "?") == n)
+                     for n in names)
+
+
 def markdown(report: Dict) -> str:
     m = report["meta"]
     cuda = m["device_type"] == "cuda"
     lines = [f"# fused_rnn vs nn.RNN — {m['device']} — {m['date']}", "",
              f"dtype {m['dtype']}, torch {m['versions']['torch']}"
              + (f", CUDA {m['versions']['cuda']}, cuDNN {m['versions'].get('cudnn')}"
-                if m["device_type"] == "cuda" else "")
-             + (f", TF32 {'on' if m['tf32'] else 'off'} on both sides"
-                if m["device_type"] == "cuda" else "")
-             + f", medians of {m['reps']} interleaved runs after {m['warmup']} warm-up.", "",
+                if cuda else "")
+             + ((", TF32 allowed in cuDNN and cuBLAS (our recurrence kernels compute in full "
+                 "float32)" if m["tf32"] else ", TF32 off on both sides") if cuda else "")
+             + f", medians of {m['reps']} interleaved runs after {m['warmup']} warm-up; forward "
+             f"in eval mode under no_grad. nn.RNN ran on {implementations(report['rows'])}.", "",
              "| shape | fwd nn.RNN ms | fwd fused ms | fwd × | fwd+bwd nn.RNN ms | "
              "fwd+bwd fused ms | fwd+bwd × | peak MiB nn.RNN / fused | max abs diff |"
              + (" CUDA path fwd / bwd |" if cuda else ""),
@@ -132,6 +145,9 @@ def markdown(report: Dict) -> str:
             f"{'' if r['correct'] else ' **FAIL**'} |"
             + (f" {path.get('forward', '?')} / {path.get('backward', '?')} |" if cuda else ""))
     s = report["summary"]
+    if m.get("partial"):
+        lines += ["", f"**Partial report: {len(report['rows'])} of {m['shapes_planned']} shapes "
+                      f"measured** (the run was cut short, or is still running)."]
     lines += ["", f"Speedup forward: median {s['speedup_forward']['median']:.2f}×, min "
               f"{s['speedup_forward']['min']:.2f}×, max {s['speedup_forward']['max']:.2f}×.",
               f"Speedup forward+backward: median {s['speedup_forward_backward']['median']:.2f}×, "
@@ -206,6 +222,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device, dtype = args.device, DTYPES[args.dtype]
+    require_native(device, "bench.run")
     layers = [int(v) for v in args.layers.split(",")]
     bidir = {"no": [False], "yes": [True], "both": [False, True]}[args.bidirectional]
     if device.startswith("cuda"):
@@ -223,7 +240,8 @@ def main(argv=None) -> int:
     meta = {"device": name, "device_type": device.split(":")[0], "driver": driver,
             "date": now.isoformat(timespec="seconds"), "dtype": args.dtype,
             "tf32": bool(args.tf32), "reps": args.reps, "warmup": args.warmup,
-            "threads": torch.get_num_threads(), "versions": versions()}
+            "threads": torch.get_num_threads(), "versions": versions(),
+            "shapes_planned": len(shapes)}
     rows: List[Dict] = []
     for i, shape in enumerate(shapes):
         sys.stderr.write(progress(i, len(shapes), shape.label))
@@ -234,13 +252,13 @@ def main(argv=None) -> int:
                   "summary": summarize(rows, gemm, device)}
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(report, f, indent=1)
+        md = markdown(report)
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(md)
     sys.stderr.write(progress(len(shapes), len(shapes), "done") + "\n")
     if not rows:
         raise SystemExit("bench.run: no shapes to measure")
 
-    md = markdown(report)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(md)
     plotted = plot(report, os.path.join(out, "speedup.png"))
     print(md)
     print(f"report: {out}/results.json, results.md" + (", speedup.png" if plotted else

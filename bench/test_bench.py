@@ -18,6 +18,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = ([Shape(64, 1, 64), Shape(64, 8, 256), Shape(64, 32, 512), Shape(64, 8, 256, 2, True)]
           if DEVICE == "cpu" else
           [Shape(512, 1, 256), Shape(512, 64, 512), Shape(512, 256, 1024)])
+if DEVICE == "cuda":  # full float32 on both sides, as bench.run measures by default
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @pytest.mark.parametrize("impl", ["nn.RNN", "fused_rnn"])

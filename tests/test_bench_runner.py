@@ -47,6 +47,8 @@ def test_runner_writes_a_complete_report(device, tmp_path, capsys):
         assert r["speedup_forward"] == pytest.approx(r["forward_s"]["nn.RNN"] /
                                                      r["forward_s"]["fused_rnn"])
         assert r["correct"] and r["max_abs_diff"] <= r["tolerance"]
+        # Torch's CPU RNN_TANH/RELU is its own ATen loop; a CUDA build of torch has cuDNN.
+        assert r["nn_rnn_implementation"] == ("ATen" if device == "cpu" else "cuDNN")
     if device == "cpu":
         assert summary["gemm_gflops"] > 0
     else:  # the CUDA path each shape ran on, in the JSON and the table
@@ -55,6 +57,8 @@ def test_runner_writes_a_complete_report(device, tmp_path, capsys):
     md = (tmp_path / "results.md").read_text()
     assert all(r["shape"] in md for r in rows)
     assert ("CUDA path fwd / bwd" in md) == (device == "cuda")
+    assert f"nn.RNN ran on {rows[0]['nn_rnn_implementation']} at every shape" in md
+    assert "Partial" not in md and meta["partial"] is False
     png = tmp_path / "speedup.png"
     if importlib.util.find_spec("matplotlib") is not None:  # the plot's one optional dependency
         assert png.exists() and os.path.getsize(png) > 1000
@@ -74,6 +78,61 @@ def test_runner_judges_half_types_against_float32(tmp_path):
     assert row["tolerance"] == pytest.approx(2 * errors["nn.RNN"] + eps / 8)
     assert row["correct"] == (errors["fused_rnn"] <= row["tolerance"])
     assert "judged by its error against nn.RNN in float32" in (tmp_path / "results.md").read_text()
+
+
+def test_runner_keeps_a_partial_report_when_cut_short(tmp_path, monkeypatch):
+    """A run that ends early (the GPU check's deadline) leaves results.json and results.md with
+    what it measured, marked partial."""
+    measure = bench_run.measure
+
+    def measure_then_stop(shape, *args):
+        if shape.H == 20:
+            raise KeyboardInterrupt
+        return measure(shape, *args)
+
+    monkeypatch.setattr(bench_run, "measure", measure_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.main(["--device", "cpu", "--shapes", "4x2x8,3x1x20,3x1x8", "--layers", "1",
+                        "--bidirectional", "no", "--reps", "1", "--warmup", "0",
+                        "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["meta"]["partial"] is True and len(report["rows"]) == 1
+    md = (tmp_path / "results.md").read_text()
+    assert "T4-B2-H8-L1-uni" in md and "Partial report: 1 of 3 shapes measured" in md
+
+
+@pytest.mark.parametrize("script", ["run", "paths"])
+def test_benchmarks_refuse_to_time_the_fallback(script, tmp_path, monkeypatch):
+    """Without the extension's kernels for the device, a benchmark stops instead of timing the
+    pure-PyTorch fallback under fused_rnn's name."""
+    import fused_rnn
+    from bench import paths
+
+    monkeypatch.setattr(fused_rnn, "backend", lambda device="cpu": "reference")
+    main = {"run": bench_run.main, "paths": paths.main}[script]
+    with pytest.raises(SystemExit, match="pure-PyTorch fallback"):
+        main(["--device", "cpu", "--shapes", "4x2x8", "--out", str(tmp_path)])
+    assert not os.listdir(tmp_path)
+
+
+def test_forward_timing_runs_in_eval_mode():
+    """The forward column is inference: eval mode (cuDNN's inference forward for nn.RNN) under
+    no_grad, and the model's mode is restored for the forward+backward timing."""
+    from bench.common import forward_fn
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((self.training, torch.is_grad_enabled()))
+            return x
+
+    probe = Probe()
+    forward_fn(probe, torch.zeros(1))()
+    assert seen == [(False, False)] and probe.training
+    probe.eval()
+    forward_fn(probe, torch.zeros(1))()
+    assert not probe.training
 
 
 def test_path_timings_script_on_the_cpu(tmp_path):
@@ -150,3 +209,32 @@ def test_gpu_check_fails_loudly_without_a_gpu(tmp_path):
     assert "| smoke | FAIL (rc=1) |" in summary and "| tests-cuda | FAIL (rc=" in summary
     assert "| bench-float32 | not run |" in summary
     assert "no CUDA device" in (tmp_path / "report" / "logs.txt").read_text()
+
+
+def test_gpu_check_skips_the_rest_of_a_call_after_a_failed_build(tmp_path):
+    """A failed build leaves nothing of ours to test: the call's other stages say so instead of
+    running (and, for the benchmarks, timing the pure-PyTorch fallback)."""
+    env = dict(os.environ, PYTHON="false", GPU_CHECK_STATE=str(tmp_path / "state"))
+    res = _run(["bash", "bench/gpu_check.sh", "--stages", "build,smoke,bench-float32",
+                str(tmp_path / "report")], env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "| build | FAIL (rc=1) |" in summary
+    assert "| smoke | not run (build failed) |" in summary
+    assert "| bench-float32 | not run (build failed) |" in summary
+
+
+def test_gpu_check_races_are_watched_in_every_kernel_of_ours():
+    """racecheck and synccheck are limited to our kernels by name: every __global__ function in
+    csrc/cuda must match one of the names gpu_check.sh gives them."""
+    import re
+
+    script = open(os.path.join(ROOT, "bench", "gpu_check.sh")).read()
+    watched = re.findall(r"--kernel-name kns=(\w+)", script)
+    kernel = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(")
+    kernels = set()
+    cuda_dir = os.path.join(ROOT, "csrc", "cuda")
+    for name in os.listdir(cuda_dir):
+        kernels |= set(kernel.findall(open(os.path.join(cuda_dir, name)).read()))
+    assert watched and len(kernels) >= 3, (watched, kernels)
+    assert all(any(w in k for w in watched) for k in kernels), (watched, kernels)
