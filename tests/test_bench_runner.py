@@ -238,3 +238,18 @@ def test_gpu_check_races_are_watched_in_every_kernel_of_ours():
         kernels |= set(kernel.findall(open(os.path.join(cuda_dir, name)).read()))
     assert watched and len(kernels) >= 3, (watched, kernels)
     assert all(any(w in k for w in watched) for k in kernels), (watched, kernels)
+
+
+def test_readme_results_table_is_the_committed_report():
+    """The README's results table is bench.table's rendering of the report it cites, so its
+    numbers cannot drift from a committed measurement."""
+    import re
+
+    from bench.table import speedup_table
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    cited = re.findall(r"full table in\s+`(bench/results/[\w.-]+)/results\.md`", readme)
+    assert cited, "the README cites no committed report"
+    for folder in cited:
+        with open(os.path.join(ROOT, folder, "results.json")) as f:
+            assert speedup_table(json.load(f)) in readme, folder
