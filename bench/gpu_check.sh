@@ -1,36 +1,39 @@
 #!/usr/bin/env bash
-# The GPU check, for a machine with a GPU and no network, using its own torch. Stages, in order:
+# The GPU check, for a machine with a GPU and no network, using its own torch. Stages, in the
+# default order (what matters most first: a device lent for minutes may cut the call short):
 #   build       pip install --no-build-isolation -e ., CUDA required, for sm_90 only (H100/H200;
 #               TORCH_CUDA_ARCH_LIST overrides) to halve the compile; warnings (ptxas spills, local
 #               memory) listed in the summary rather than failing the check. Where it fails, the
 #               call's other stages are not run.
 #   smoke       every CUDA path on a small packed/padded, tanh/relu, 2-layer bidirectional case,
 #               forward + backward against float64 nn.RNN (bench/sanitize_case.py): runs, ends, agrees
-#   tests-cuda  the CUDA tests (pytest -k cuda, less the CPU-only test_cuda_plan/_emulated)
-#   sanitizer   compute-sanitizer memcheck (every kernel: cuBLAS's reads of our buffers too),
-#               racecheck and synccheck (our kernels) over the smoke case (all paths), 150 s each;
-#               also one tool at a time: sanitizer-memcheck, sanitizer-racecheck, sanitizer-synccheck
-#   bench       against cuDNN: float32 (TF32 off on both sides) and bfloat16, B ∈ {1, 8, 64, 256} ×
-#               H ∈ {256, 512, 1024, 2048}, T = 512, one layer; also bench-float32, bench-bfloat16
+#   bench-float32  against cuDNN, TF32 off on both sides: B ∈ {1, 8, 64, 256} × H ∈ {256, 512,
+#               1024, 2048}, T = 512, one layer (the README's GPU table)
+#   tests-cuda  the CUDA tests (pytest -k cuda, less the CPU-only test_cuda_plan/_emulated),
+#               test_cuda.py first and the full-grid parity last, 200 s at most
+#   sanitizer-memcheck  compute-sanitizer memcheck over the smoke case (all paths; every kernel:
+#               cuBLAS's reads of our buffers too), 90 s at most; "not available" where the device
+#               refuses the tool (gVisor machines do)
+#   bench-bfloat16  as bench-float32, in bfloat16
+#   sanitizer-racecheck, sanitizer-synccheck  the same case, our kernels only, 90 s each
 #   paths       each CUDA path forced in turn against cuDNN on a B × H grid (bench/paths.py): the
 #               numbers that tune the path heuristic, and where its choice is not the fastest
 #   tests       the rest of the test suite (CPU tests, under this machine's torch; not the slow ones)
+# "sanitizer" and "bench" name their three tools and two dtypes.
 #
 # Usage: bash bench/gpu_check.sh [--stages a,b,...] [--deadline SECONDS] [report-folder]
-#   --stages    which stages to run (default: all, in the order above)
+#   --stages    which stages to run, in the order given (default: all, in the order above)
 #   --deadline  stop starting stages, and cut the running one, this many seconds after the start
-#               (default 560: a device command may run 10 minutes). A stage cut short is reported as
-#               such, and the summary is still written.
+#               (default 420: a device is lent for 15 minutes in all, its start included, so a first
+#               call of 7 leaves time for a second). A stage cut short is reported as such, and the
+#               summary is still written.
 #   report-folder  default: $OUT if set, else bench/out/gpu-check.
 # State (each stage's last result, the logs, the bench reports) is kept in $GPU_CHECK_STATE (default
-# bench/out/gpu-check-state) across calls while the machine stays up, so the check can be spread
-# over several commands (a machine given back in between starts bare: keep every call's report),
-#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,smoke,bench-float32,tests-cuda
-#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,sanitizer,bench-bfloat16
-#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,tests,paths
-# (stages run in the order given: the benchmark's float32 table, the product's proof, before the
-# long CUDA test run; the CPU tests before the open-ended path timings)
-# and every call's report folder gets the summary of all stages run so far: summary.md (with the
+# bench/out/gpu-check-state) across calls while the machine stays up, so that a second call at once
+# (before the machine goes back) can run what the first did not reach, its build quick:
+#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh
+#   GPU_CHECK_COMMIT=<sha> bash bench/gpu_check.sh --stages build,<stages not yet run>
+# Every call's report folder gets the summary of all stages run so far: summary.md (with the
 # tables), logs.txt and results.tar.gz (each dtype's results .json/.md and speedup .png, paths
 # .json/.md): three files, for devices that return few. Unpack it under bench/results/ to commit.
 # The bench and paths reports are written after every shape, so a stage cut at the deadline keeps
@@ -38,10 +41,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The stages, in order; "sanitizer" and "bench" stand for their tools and dtypes.
-ROWS="build smoke tests-cuda sanitizer-memcheck sanitizer-racecheck sanitizer-synccheck bench-float32 bench-bfloat16 paths tests"
+ROWS="build smoke bench-float32 tests-cuda sanitizer-memcheck bench-bfloat16 sanitizer-racecheck sanitizer-synccheck paths tests"
 ALL_STAGES="$ROWS sanitizer bench"
 STAGES_ARG=all
-DEADLINE=560
+DEADLINE=420
 REPORT=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -75,26 +78,37 @@ touch "$STATUS"
 remaining() { echo $((DEADLINE - SECONDS)); }
 BUILD_FAILED=0  # set by a failed build stage: the call's later stages would test nothing of ours
 
-stage() {  # stage NAME COMMAND...: run under the deadline (and $STAGE_CAP s), log, record the result
+# stage NAME COMMAND...: run under the deadline (and $STAGE_CAP s), log, record the result. Where
+# the command fails and its output has a line matching $UNAVAILABLE (a tool the device refuses),
+# the result is "not available here", which fails nothing.
+stage() {
   local name=$1; shift
   local left; left=$(remaining)
-  if [ -n "${STAGE_CAP:-}" ] && [ "$STAGE_CAP" -lt "$left" ]; then left=$STAGE_CAP; fi
-  local result t0=$SECONDS
+  local capped=""
+  if [ -n "${STAGE_CAP:-}" ] && [ "$STAGE_CAP" -lt "$left" ]; then left=$STAGE_CAP; capped=1; fi
+  local result t0=$SECONDS mark
   echo "== $name: $*" | tee -a "$LOG"
+  mark=$(wc -l < "$LOG")
   if [ "$BUILD_FAILED" = 1 ]; then
     result="not run (build failed)"
   elif [ "$left" -lt 20 ]; then
     result="not run (deadline)"
   else
     timeout --kill-after=10 "$left" "$@" >> "$LOG" 2>&1
-    local rc=$?
+    local rc=$? why
+    if [ -n "$capped" ]; then why="its cap"; else why="the deadline"; fi
     if [ $rc -eq 0 ]; then result=pass
-    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then result="FAIL (cut at the deadline after $((SECONDS - t0)) s)"
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then result="FAIL (cut at $why after $((SECONDS - t0)) s)"
     else result="FAIL (rc=$rc)"; fi
+    local refusal=""
+    if [ $rc -ne 0 ] && [ -n "${UNAVAILABLE:-}" ]; then
+      refusal=$(tail -n +"$((mark + 1))" "$LOG" | grep -m 1 -E "$UNAVAILABLE" | tr -d '\r' | cut -c 1-120)
+    fi
+    if [ -n "$refusal" ]; then result="not available here ($refusal)"; fi
   fi
   printf '%s\t%s\t%s\t%s\n' "$name" "$result" "$((SECONDS - t0))" "$(date -u +%H:%M:%SZ)" >> "$STATUS"
   echo "== $name: $result in $((SECONDS - t0)) s" | tee -a "$LOG"
-  [ "$result" = pass ]
+  case $result in pass|"not available here"*) return 0 ;; *) return 1 ;; esac
 }
 
 # pytest with a per-test limit where pytest-timeout is installed: a hung kernel ends the run with a
@@ -105,6 +119,18 @@ if $PY -c "import pytest_timeout" 2>/dev/null; then
   PYTEST_TIMEOUT=(--timeout=120 --timeout-method=thread)
 fi
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+
+# The test files with CUDA tests, in the order tests-cuda runs them (every tests/test_*.py but the
+# CPU-only two, which CI runs): test_cuda.py first, test_ecosystem.py (the cold compile) last.
+cuda_test_files() {
+  local first=tests/test_cuda.py late="tests/test_parity.py tests/test_ecosystem.py" f
+  echo "$first"
+  for f in tests/test_*.py; do
+    case " $first $late tests/test_cuda_plan.py tests/test_cuda_emulated.py " in
+      *" $f "*) ;; *) echo "$f" ;; esac
+  done
+  echo "$late"
+}
 
 {
   echo "== call at $(date -u +%Y-%m-%dT%H:%M:%SZ): stages $RUN_STAGES"
@@ -188,10 +214,11 @@ for s in $RUN_STAGES; do
     smoke) STAGE_CAP=150 stage smoke "$PY" bench/sanitize_case.py --path all ;;
     # -v: the log names the test that was running if the stage is cut. The two CPU-only modules
     # named for CUDA (the planner on made-up devices, the kernels on the CPU emulator) run in CI,
-    # not on the device's time.
-    tests-cuda) stage tests-cuda env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -v -p no:cacheprovider \
-      -rfEs --durations=15 "${PYTEST_TIMEOUT[@]}" \
-      -k "cuda and not test_cuda_plan and not test_cuda_emulated" tests ;;
+    # not on the device's time. Files in the order given: the kernels' own tests first, the
+    # full-grid parity (auto path, small shapes) and the cold torch.compile last.
+    tests-cuda) STAGE_CAP=200 stage tests-cuda env FUSED_RNN_REQUIRE_CUDA=1 "$PY" -m pytest -v \
+      -p no:cacheprovider -rfEs --durations=15 "${PYTEST_TIMEOUT[@]}" -k cuda \
+      $(cuda_test_files) ;;
     sanitizer-*)
       # Without torch's caching allocator, so that every tensor is its own allocation and an access
       # past one is not hidden inside a cached segment; no cuDNN beside our kernels (--run-only).
@@ -202,7 +229,8 @@ for s in $RUN_STAGES; do
       if [ "$tool" != memcheck ]; then
         only_ours=(--kernel-name kns=recurrence_kernel --kernel-name kns=step_epilogue_kernel)
       fi
-      STAGE_CAP=150 stage "$s" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
+      UNAVAILABLE="Device not supported|is not supported on this|Could not find a supported device" \
+      STAGE_CAP=90 stage "$s" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
         "${only_ours[@]}" --error-exitcode 3 "$PY" bench/sanitize_case.py --path all --run-only ;;
     bench-*)
       dtype=${s#bench-}

@@ -224,6 +224,39 @@ def test_gpu_check_skips_the_rest_of_a_call_after_a_failed_build(tmp_path):
     assert "| bench-float32 | not run (build failed) |" in summary
 
 
+@pytest.mark.parametrize("says,want", [
+    ("========= Device not supported", "| sanitizer-memcheck | not available here (========= Device "
+                                      "not supported) |"),
+    ("========= Invalid __global__ write of size 4 bytes", "| sanitizer-memcheck | FAIL (rc=3) |"),
+], ids=["refused", "finding"])
+def test_gpu_check_tells_a_refused_sanitizer_from_a_finding(tmp_path, says, want):
+    """A device that refuses compute-sanitizer (gVisor machines do) is reported as such and fails
+    nothing; a sanitizer that reports an error fails the check."""
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho '{says}'\nexit 3\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STATE=str(tmp_path / "state"),
+               PATH=f"{fake.parent}:{os.environ['PATH']}")
+    res = _run(["bash", "bench/gpu_check.sh", "--stages", "sanitizer-memcheck",
+                str(tmp_path / "report")], env=env)
+    assert res.returncode == (0 if "not available" in want else 1), res.stdout + res.stderr
+    assert want in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_gpu_check_runs_every_test_file_with_cuda_tests():
+    """tests-cuda names its files (to run test_cuda.py first): every test module is among them,
+    once, but the two CPU-only ones that CI runs."""
+    script = os.path.join(ROOT, "bench", "gpu_check.sh")
+    res = _run(["bash", "-c", f'eval "$(sed -n "/^cuda_test_files()/,/^}}/p" {script})"; '
+                "cuda_test_files"])
+    files = res.stdout.split()
+    assert files[0] == "tests/test_cuda.py" and len(files) == len(set(files)), files
+    every = {f"tests/{name}" for name in os.listdir(os.path.join(ROOT, "tests"))
+             if name.startswith("test_") and name.endswith(".py")}
+    assert set(files) == every - {"tests/test_cuda_plan.py", "tests/test_cuda_emulated.py"}
+
+
 def test_gpu_check_races_are_watched_in_every_kernel_of_ours():
     """racecheck and synccheck are limited to our kernels by name: every __global__ function in
     csrc/cuda must match one of the names gpu_check.sh gives them."""

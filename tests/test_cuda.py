@@ -18,13 +18,15 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 import fused_rnn
 from fused_rnn import _ops
 
-from conftest import assert_close, make_input, make_pair, requires_cuda, run_and_grad
+from conftest import TOL, assert_close, make_input, make_pair, requires_cuda, run_and_grad
 
 # The tests' own logic (tolerances, what is compared with what) can be checked without a GPU:
 # FUSED_RNN_CUDA_TESTS_ON=cpu runs them on the CPU kernels, with H100's limits standing in for the
 # device plan, and skips what needs the GPU itself (test_cuda_plan.py does so in CI).
 DEV = os.environ.get("FUSED_RNN_CUDA_TESTS_ON", "cuda")
-EMULATED = DEV != "cuda"
+if DEV not in ("cuda", "cpu"):  # "cuda:0", say, would read as emulated and check no path
+    raise ValueError(f"FUSED_RNN_CUDA_TESTS_ON must be 'cuda' or 'cpu', got {DEV!r}")
+EMULATED = DEV == "cpu"
 pytestmark = [pytest.mark.cuda] + ([] if EMULATED else [requires_cuda])
 gpu_only = pytest.mark.skipif(EMULATED, reason="needs the GPU itself")
 H100 = dict(sm_count=132, smem_per_sm=233472, smem_per_block_optin=232448,
@@ -44,6 +46,12 @@ def _assert_ran(forward, backward=None, rows=None):
     assert _ops.last_cuda_paths() == {"forward": forward, "backward": backward or forward}
     if rows is not None:
         assert _ops.last_cuda_rows_per_block() == {"forward": rows[0], "backward": rows[1]}
+
+
+def _assert_forward_ran(path):
+    """The CUDA path the latest forward ran on, where no backward followed it."""
+    if not EMULATED:
+        assert _ops.last_cuda_paths()["forward"] == path
 
 
 PATHS = ["persistent", "per_step", "per_step_cublas"]
@@ -199,6 +207,7 @@ def test_one_step_every_path(path, kind):
     h0 = torch.randn(4, 5, 33, dtype=torch.float64, generator=gen).to(DEV).requires_grad_()
     want = run_and_grad(ref, x, leaves, h0)
     got = run_and_grad(fused, x, leaves, h0)
+    _assert_ran(path)
     _assert_all_close(got, want, torch.float64)
 
 
@@ -292,12 +301,42 @@ def test_persistent_blocks_of_16_and_32_rows(rows, dtype, directions):
     x64 = torch.randn(3, 2, 16, dtype=torch.float64, device=DEV)
     got = _results(fused, x64)
     _assert_ran("persistent", rows=(rows, rows))
+    _assert_near_float64(got, theirs, ref64, x64, dtype)
+
+
+def _assert_near_float64(got, theirs, ref64, x64, dtype):
+    """Results of a large hidden size against the float64 model's: float64 to its parity bound,
+    float32 within 1e-4 (sums of hundreds of terms), half types judged by nn.RNN's own error."""
     want = _results(ref64, x64)
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
+        tol = 1e-4 if dtype == torch.float32 else TOL[torch.float64]
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    else:  # bfloat16: judged by nn.RNN's own error in that dtype, as the half-type tests are
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    else:
         _assert_within_nn_rnn_error(got, _results(theirs, x64), want, dtype)
+
+
+@pytest.mark.parametrize("rows,dtype,hidden", [
+    (8, torch.float64, 780), (16, torch.float64, 500), (16, torch.float32, 900),
+    (32, torch.float32, 500), (16, torch.float16, 1580), (32, torch.bfloat16, 780)], ids=str)
+def test_persistent_variants_over_48k_of_shared_memory(rows, dtype, hidden):
+    """Kernel variants forced at a hidden size whose W_hh slice needs more dynamic shared memory
+    than a block gets without opting in (the launch's cudaFuncSetAttribute), with a partial last
+    block: covers the variants the planner picks only near the on-chip limit, whatever the
+    device's exact limits make of test_persistent_blocks_of_16_and_32_rows."""
+    elem = torch.empty(0, dtype=dtype).element_size()
+    assert rows * hidden * elem > 48 * 1024 and hidden % rows
+    with _ops.cuda_path("persistent"), _ops.persistent_rows(rows):
+        for backward in (False, True):
+            plan = (_ops.plan_cuda_path(hidden, 9, 2, dtype, H100, "persistent", rows) if EMULATED
+                    else _ops.device_cuda_plan(hidden, 9, 2, dtype, backward, forced="persistent"))
+            assert (plan["path"], plan["rows_per_block"]) == ("persistent", rows)
+            assert plan["smem_bytes"] == rows * hidden * elem
+        ref64, theirs, fused = _models_from_float64(16, hidden, 1, dtype)
+        x64 = torch.randn(4, 9, 16, dtype=torch.float64, device=DEV)
+        got = _results(fused, x64)
+    _assert_ran("persistent", rows=(rows, rows))
+    _assert_near_float64(got, theirs, ref64, x64, dtype)
 
 
 def test_deterministic_every_path(path):
@@ -361,6 +400,7 @@ def test_long_sequence_every_path_agrees():
     for path in PATHS:
         with _ops.cuda_path(path):
             got = fused(x)[0]
+        _assert_forward_ran(path)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{path}: {m}")
 
 
@@ -443,6 +483,7 @@ def test_cuda_graph_capture_and_replay_every_path(path):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
         static_out, static_hn = fused(static_x)
+    _assert_forward_ran(path)
     with torch.no_grad():
         fused(torch.randn(9, 3, 8, device=DEV))
         for _ in range(2):
