@@ -219,6 +219,12 @@ def default_tolerance(dtype: torch.dtype) -> float:
 def versions() -> dict:
     info = {"torch": torch.__version__, "fused_rnn": fused_rnn.__version__,
             "cuda": torch.version.cuda, "backend_cpu": fused_rnn.backend("cpu")}
+    if fused_rnn.backend("cpu") == "fused":  # which CPU GEMM kernel our float32 steps ran on
+        from fused_rnn import _ops
+
+        isa = _ops._C.cpu_panel_isa()
+        info["cpu_kernel"] = {"avx512": "AVX-512 panel kernel", "avx2": "AVX2 panel kernel"}.get(
+            isa, f"{_ops._C.cpu_gemm_path()} GEMM")
     if torch.cuda.is_available():
         info["cudnn"] = torch.backends.cudnn.version()
         info["backend_cuda"] = fused_rnn.backend("cuda")

@@ -124,6 +124,8 @@ def markdown(report: Dict) -> str:
     cuda = m["device_type"] == "cuda"
     lines = [f"# fused_rnn vs nn.RNN — {m['device']} — {m['date']}", "",
              f"dtype {m['dtype']}, torch {m['versions']['torch']}"
+             + (f", our CPU steps on the {m['versions']['cpu_kernel']}"
+                if not cuda and "cpu_kernel" in m["versions"] else "")
              + (f", CUDA {m['versions']['cuda']}, cuDNN {m['versions'].get('cudnn')}"
                 if cuda else "")
              + ((", TF32 allowed in cuDNN and cuBLAS (our recurrence kernels compute in full "

@@ -23,8 +23,10 @@ def speedup_table(report: Dict) -> str:
     m = report["meta"]
     configs = sorted({(r["layers"], r["bidirectional"]) for r in rows})
     cells = {(r["B"], r["H"], r["layers"], r["bidirectional"]): r for r in rows}
-    lines = [f"Speedup over `nn.RNN`, forward / forward+backward ({m['device']}, torch "
-             f"{m['versions']['torch']}, {m['dtype']}, {m['date'][:10]}):", "",
+    kernel = m["versions"].get("cpu_kernel") if m["device_type"] == "cpu" else None
+    lines = [f"Speedup over `nn.RNN`, forward / forward+backward ({m['device']}"
+             + (f", {kernel}" if kernel else "") + f", torch {m['versions']['torch']}, "
+             f"{m['dtype']}, {m['date'][:10]}):", "",
              "| B | H | " + " | ".join(config_name(*c) for c in configs) + " |",
              "|---|---|" + "---|" * len(configs)]
     for b, h in sorted({(r["B"], r["H"]) for r in rows}):

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/cpu_gemm.h"
+#include "cpu/panel_gemm.h"
 #include "cuda_plan.h"
 #ifdef FUSED_RNN_WITH_CUDA
 #include "cuda/device_plan.h"
@@ -57,6 +58,11 @@ PyObject* cpu_step_kernel(PyObject*, PyObject* args) {
   long long rows, n, k;
   if (!PyArg_ParseTuple(args, "LLL", &rows, &n, &k)) return nullptr;
   return PyUnicode_FromString(fused_rnn::cpu::float_step_kernel(rows, n, k));
+}
+
+// cpu_panel_isa(): the panel kernel's instruction set in this process ("avx512", "avx2", "").
+PyObject* cpu_panel_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fused_rnn::cpu::panel_isa_name());
 }
 
 PyObject* has_cuda_kernels(PyObject*, PyObject*) {
@@ -201,6 +207,8 @@ PyMethodDef methods[] = {
     {"cpu_step_kernel", cpu_step_kernel, METH_VARARGS,
      "The kernel of a float32 CPU step GEMM (rows x n, inner k): 'panel', 'packed', 'blas' or "
      "'aten'."},
+    {"cpu_panel_isa", cpu_panel_isa, METH_NOARGS,
+     "The CPU panel kernel's instruction set in this process: 'avx512', 'avx2' or '' (none)."},
     {"has_cuda_kernels", has_cuda_kernels, METH_NOARGS,
      "Whether this build compiled the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};

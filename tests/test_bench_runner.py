@@ -51,6 +51,14 @@ def test_runner_writes_a_complete_report(device, tmp_path, capsys):
         assert r["nn_rnn_implementation"] == ("ATen" if device == "cpu" else "cuDNN")
     if device == "cpu":
         assert summary["gemm_gflops"] > 0
+        # The report names the GEMM kernel our steps ran on (reports from CPUs with and without
+        # AVX-512 are otherwise told apart by nothing but the CPU's name).
+        from fused_rnn import _ops
+        kernel = meta["versions"]["cpu_kernel"]
+        assert ("panel" in kernel) == (_ops._C.cpu_panel_isa() != "")
+        assert f"our CPU steps on the {kernel}" in (tmp_path / "results.md").read_text()
+        from bench.table import speedup_table
+        assert f"{meta['device']}, {kernel}, torch" in speedup_table(report)
     else:  # the CUDA path each shape ran on, in the JSON and the table
         paths = {"persistent", "per_step", "per_step_cublas"}
         assert all(set(r["cuda_path"].values()) <= paths for r in rows)

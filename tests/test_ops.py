@@ -297,26 +297,55 @@ def test_column_blocks_and_parallel_directions_equal_the_reference(parts, thread
         torch.set_num_threads(previous)
 
 
-def _cpu_has_avx512f():
+def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
     except OSError:
-        return False
+        return set()
 
 
 @native
-def test_panel_kernel_runs_wherever_avx512_does():
-    kernel = _ops._C.cpu_step_kernel(8, 512, 512)
+def test_panel_kernel_runs_wherever_avx2_or_avx512_does():
+    """The AVX-512 panel kernel where the CPU has AVX-512F, else the AVX2 one where it has AVX2 and
+    FMA, else none."""
+    kernel, isa = _ops._C.cpu_step_kernel(8, 512, 512), _ops._C.cpu_panel_isa()
     if sys.platform.startswith("linux") and os.uname().machine == "x86_64" and \
             "FUSED_RNN_CPU_GEMM" not in os.environ:
-        assert (kernel == "panel") == _cpu_has_avx512f()
+        flags = _cpu_flags()
+        want = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma"} <= flags else ""
+        assert isa == want, (isa, sorted(flags & {"avx2", "fma", "avx512f"}))
+    assert (kernel == "panel") == (isa != "")
     assert kernel in ("panel", "packed", "blas", "aten")
+
+
+@native
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="no AVX2 and FMA on this CPU")
+def test_avx2_panel_kernel_where_avx512_runs_too():
+    """FUSED_RNN_CPU_GEMM=panel_avx2 runs the AVX2 kernel on any CPU that has it, so that machines
+    with AVX-512 test it too: the panel tests below, and parity with nn.RNN, on it."""
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+         "panel_step_kernel or weight_layouts or avx2_kernel_is_running", __file__],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env=dict(os.environ, FUSED_RNN_CPU_GEMM="panel_avx2", FUSED_RNN_EXPECT_ISA="avx2"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-2000:]
+    parity = _run_python(PARITY_SNIPPET, {"FUSED_RNN_CPU_GEMM": "panel_avx2"})
+    assert parity.returncode == 0 and "parity ok" in parity.stdout, parity.stderr
+
+
+@native
+@pytest.mark.skipif("FUSED_RNN_EXPECT_ISA" not in os.environ, reason="run by the test above")
+def test_avx2_kernel_is_running():
+    assert _ops._C.cpu_panel_isa() == os.environ["FUSED_RNN_EXPECT_ISA"]
 
 
 # (batch, hidden): every batch remainder modulo the kernel's 8-row tiles, batches above 8, and hidden
 # sizes that end in a partial panel (1, 15, 17, 33, 70) or not (16), with 1, 2, 3 or 5 panels (tiles
-# are 2 or 4 panels wide, so 3 and 5 leave a narrower tile at the end).
+# are 2 or 4 panels wide on AVX-512, 1, 2 or 4 on AVX2, so 3 and 5 leave a narrower tile at the end).
+# (AVX2's 6-row tiles: every remainder modulo 6 too.)
 PANEL_SHAPES = [(1, 1), (2, 15), (3, 16), (4, 17), (5, 33), (6, 70), (7, 33), (8, 17), (9, 16),
                 (10, 15), (11, 70), (12, 1), (13, 33), (16, 70), (17, 17)]
 
@@ -327,7 +356,7 @@ PANEL_SHAPES = [(1, 1), (2, 15), (3, 16), (4, 17), (5, 33), (6, 70), (7, 33), (8
 @pytest.mark.parametrize("parts", ["1", "2"])
 @pytest.mark.parametrize("batch,hidden", PANEL_SHAPES)
 def test_panel_step_kernel_equals_the_reference(batch, hidden, parts, monkeypatch):
-    """float32 step GEMMs on the AVX-512 panel kernel: tile and panel edges, packed sequences (steps
+    """float32 step GEMMs on the panel kernel: tile and panel edges, packed sequences (steps
     of fewer rows), two directions (row stride 2H), the beta = 0 product of dh0, column blocks."""
     monkeypatch.setenv("FUSED_RNN_CPU_PARTS", parts)
     lengths = [6 - i % 4 for i in range(batch)]

@@ -342,11 +342,12 @@ void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
   const float* a_p = a.data_ptr<float>();
   float* c_p = out.data_ptr<float>();
   const int64_t lda = a.stride(0), ldc = out.stride(0);
-  const int64_t blocks = (m + kTileRows - 1) / kTileRows;
+  const int64_t tile_rows = panel_tile_rows();
+  const int64_t blocks = (m + tile_rows - 1) / tile_rows;
   const int64_t grain =
-      std::max<int64_t>(1, kMinThreadMacs / std::max<int64_t>(1, kTileRows * n * k));
+      std::max<int64_t>(1, kMinThreadMacs / std::max<int64_t>(1, tile_rows * n * k));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * kTileRows, r1 = std::min(m, b1 * kTileRows);
+    const int64_t r0 = b0 * tile_rows, r1 = std::min(m, b1 * tile_rows);
     panel_gemm(r1 - r0, n, k, a_p + r0 * lda, lda, packed, 0.f, bias_p, c_p + r0 * ldc, ldc);
   });
 }

@@ -11,18 +11,42 @@
 
 namespace fused_rnn::cpu {
 
-bool panel_gemm_available() {
-  static const bool ok = [] {
+namespace {
+
+// The kernel this process runs, decided once: AVX-512F where the CPU has it, else AVX2 with FMA;
+// FUSED_RNN_CPU_GEMM=panel_avx2 asks for the AVX2 one (tests cover it on AVX-512 machines too), any
+// other value but "panel" for none (tests cover the BLAS and ATen paths that way).
+PanelIsa choose_isa() {
 #ifdef FUSED_RNN_PANEL_KERNEL
-    const char* v = std::getenv("FUSED_RNN_CPU_GEMM");
-    const bool other_path = v != nullptr && *v != '\0' && std::strcmp(v, "panel") != 0;
-    return !other_path && __builtin_cpu_supports("avx512f");
-#else
-    return false;
+  const char* v = std::getenv("FUSED_RNN_CPU_GEMM");
+  const bool unset = v == nullptr || *v == '\0' || std::strcmp(v, "panel") == 0;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (unset && __builtin_cpu_supports("avx512f")) return PanelIsa::kAvx512;
+  if ((unset || std::strcmp(v, "panel_avx2") == 0) && avx2) return PanelIsa::kAvx2;
 #endif
-  }();
-  return ok;
+  return PanelIsa::kNone;
 }
+
+}  // namespace
+
+PanelIsa panel_isa() {
+  static const PanelIsa isa = choose_isa();
+  return isa;
+}
+
+const char* panel_isa_name() {
+  switch (panel_isa()) {
+    case PanelIsa::kAvx512:
+      return "avx512";
+    case PanelIsa::kAvx2:
+      return "avx2";
+    case PanelIsa::kNone:
+      break;
+  }
+  return "";
+}
+
+int64_t panel_tile_rows() { return panel_isa() == PanelIsa::kAvx2 ? kTileRowsAvx2 : kTileRows; }
 
 int64_t panel_floats(int64_t n, int64_t k) {
   return panel_count(n) * kPanelWidth * k;
@@ -127,11 +151,141 @@ FUSED_RNN_AVX512 void row_block(int64_t n, int64_t k, const float* a, int64_t ld
 
 // 8 rows × 2 panels: 16 accumulators. Fewer rows: 4 panels, so that at least 4 independent sums
 // cover the FMA latency (as many as the registers allow: MR · NV + NV ≤ 32).
-template <int MR>
-void rows(int64_t n, int64_t k, const float* a, int64_t lda, const float* panels, Addend add,
-          float* c, int64_t ldc) {
-  constexpr int kPanels = MR >= 6 ? 2 : 4;
-  row_block<MR, kPanels>(n, k, a, lda, panels, add, c, ldc);
+struct Avx512 {
+  static constexpr int kTall = kTileRows;
+  template <int MR>
+  static void rows(int64_t n, int64_t k, const float* a, int64_t lda, const float* panels,
+                   Addend add, float* c, int64_t ldc) {
+    constexpr int kPanels = MR >= 6 ? 2 : 4;
+    row_block<MR, kPanels>(n, k, a, lda, panels, add, c, ldc);
+  }
+};
+
+#define FUSED_RNN_AVX2 __attribute__((target("avx2,fma")))
+
+// The AVX2 kernel: the same panels, each two 8-float vectors; 16 vector registers, so tiles of up to
+// 6 rows × 1 panel (12 accumulators, as in BLIS's Haswell kernel), fewer rows over more panels.
+// Lanes [0, count) of a vector set, for a masked load or store.
+FUSED_RNN_AVX2 inline __m256i lanes_below(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// One tile: rows [0, MR) × vectors [0, NV) (NV / 2 panels) of C, summed over all of k in
+// registers; the columns [0, cols) of the tile are stored.
+template <int MR, int NV>
+FUSED_RNN_AVX2 inline void tile_avx2(int64_t k, const float* a, int64_t lda, const float* b,
+                                     Addend add, float* c, int64_t ldc, int64_t cols) {
+  static_assert(NV % 2 == 0, "whole panels");
+  __m256 acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    __m256 bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = _mm256_loadu_ps(b + ((v / 2) * k + i) * kPanelWidth + (v % 2) * 8);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a + r * lda + i);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(x, bv[v], acc[r][v]);
+    }
+  }
+  // Unrolled whole, so that acc is only ever indexed by constants: otherwise GCC keeps it in
+  // memory too and stores it at every i of the loop above (half the kernel's speed).
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const int64_t count = std::min<int64_t>(8, cols - v * 8);  // <= 0: an empty mask
+    const __m256i mask = lanes_below(count);
+    const bool whole = count == 8;
+    __m256 bias = _mm256_setzero_ps();
+    if (add.bias != nullptr) {
+      bias = whole ? _mm256_loadu_ps(add.bias + v * 8) : _mm256_maskload_ps(add.bias + v * 8, mask);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      float* out = c + r * ldc + v * 8;
+      __m256 sum = acc[r][v];
+      if (add.bias != nullptr) {
+        sum = _mm256_add_ps(sum, bias);
+      } else if (add.beta != 0.f) {
+        sum = _mm256_add_ps(sum, whole ? _mm256_loadu_ps(out) : _mm256_maskload_ps(out, mask));
+      }
+      if (whole) {
+        _mm256_storeu_ps(out, sum);
+      } else {
+        _mm256_maskstore_ps(out, mask, sum);
+      }
+    }
+  }
+}
+
+// MR rows of C, all n columns: tiles NV / 2 panels wide, narrower at the end.
+template <int MR, int NV>
+FUSED_RNN_AVX2 void row_block_avx2(int64_t n, int64_t k, const float* a, int64_t lda,
+                                   const float* panels, Addend add, float* c, int64_t ldc) {
+  constexpr int64_t kPanels = NV / 2;
+  const int64_t count = panel_count(n);
+  for (int64_t p = 0; p < count; p += kPanels) {
+    const int64_t width = std::min<int64_t>(kPanels, count - p);
+    const int64_t cols = n - p * kPanelWidth;  // the tile stores min(cols, its width)
+    const float* src = panels + p * k * kPanelWidth;
+    const Addend at{add.beta, add.bias != nullptr ? add.bias + p * kPanelWidth : nullptr};
+    float* dst = c + p * kPanelWidth;
+    if (width == kPanels) {
+      tile_avx2<MR, NV>(k, a, lda, src, at, dst, ldc, cols);
+    } else if constexpr (kPanels > 1) {  // (only the narrower tiles that can occur are built)
+      if (width == 1) {
+        tile_avx2<MR, 2>(k, a, lda, src, at, dst, ldc, cols);
+      } else if constexpr (kPanels > 2) {
+        if (width == 2) {
+          tile_avx2<MR, 4>(k, a, lda, src, at, dst, ldc, cols);
+        } else {
+          tile_avx2<MR, 6>(k, a, lda, src, at, dst, ldc, cols);
+        }
+      }
+    }
+  }
+}
+
+// 4 to 6 rows × 1 panel: 8 to 12 accumulators; 2 or 3 rows × 2 panels; 1 row × 4 panels (its B
+// vectors, each used once, are read by the FMAs themselves): at least 8 independent sums each.
+struct Avx2 {
+  static constexpr int kTall = kTileRowsAvx2;
+  template <int MR>
+  static void rows(int64_t n, int64_t k, const float* a, int64_t lda, const float* panels,
+                   Addend add, float* c, int64_t ldc) {
+    constexpr int kVectors = MR >= 4 ? 2 : (MR >= 2 ? 4 : 8);
+    row_block_avx2<MR, kVectors>(n, k, a, lda, panels, add, c, ldc);
+  }
+};
+
+// Rows [0, m) of C on a kernel: blocks of its tallest tile, then one block of the rows left.
+template <typename Kernel>
+void by_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* panels,
+             Addend add, float* c, int64_t ldc) {
+  constexpr int kTall = Kernel::kTall;
+  static_assert(kTall <= 8, "the remainder's cases below");
+  int64_t i = 0;
+  for (; i + kTall <= m; i += kTall) {
+    Kernel::template rows<kTall>(n, k, a + i * lda, lda, panels, add, c + i * ldc, ldc);
+  }
+  a += i * lda;
+  c += i * ldc;
+  switch (m - i) {
+    case 1: Kernel::template rows<1>(n, k, a, lda, panels, add, c, ldc); break;
+    case 2: Kernel::template rows<2>(n, k, a, lda, panels, add, c, ldc); break;
+    case 3: Kernel::template rows<3>(n, k, a, lda, panels, add, c, ldc); break;
+    case 4: Kernel::template rows<4>(n, k, a, lda, panels, add, c, ldc); break;
+    case 5: Kernel::template rows<5>(n, k, a, lda, panels, add, c, ldc); break;
+    case 6:
+      if constexpr (kTall > 6) Kernel::template rows<6>(n, k, a, lda, panels, add, c, ldc);
+      break;
+    case 7:
+      if constexpr (kTall > 7) Kernel::template rows<7>(n, k, a, lda, panels, add, c, ldc);
+      break;
+    default: break;
+  }
 }
 
 }  // namespace
@@ -142,21 +296,10 @@ void panel_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, co
 #ifdef FUSED_RNN_PANEL_KERNEL
   if (m <= 0 || n <= 0) return;
   const Addend add{beta, bias};
-  int64_t i = 0;
-  for (; i + kTileRows <= m; i += kTileRows) {
-    rows<kTileRows>(n, k, a + i * lda, lda, panels, add, c + i * ldc, ldc);
-  }
-  const float* ar = a + i * lda;
-  float* cr = c + i * ldc;
-  switch (m - i) {
-    case 1: rows<1>(n, k, ar, lda, panels, add, cr, ldc); break;
-    case 2: rows<2>(n, k, ar, lda, panels, add, cr, ldc); break;
-    case 3: rows<3>(n, k, ar, lda, panels, add, cr, ldc); break;
-    case 4: rows<4>(n, k, ar, lda, panels, add, cr, ldc); break;
-    case 5: rows<5>(n, k, ar, lda, panels, add, cr, ldc); break;
-    case 6: rows<6>(n, k, ar, lda, panels, add, cr, ldc); break;
-    case 7: rows<7>(n, k, ar, lda, panels, add, cr, ldc); break;
-    default: break;
+  if (panel_isa() == PanelIsa::kAvx2) {
+    by_rows<Avx2>(m, n, k, a, lda, panels, add, c, ldc);
+  } else {
+    by_rows<Avx512>(m, n, k, a, lda, panels, add, c, ldc);
   }
 #else
   (void)m, (void)n, (void)k, (void)a, (void)lda, (void)panels, (void)beta, (void)bias, (void)c,
