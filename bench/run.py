@@ -128,7 +128,8 @@ def markdown(report: Dict) -> str:
                 if not cuda and "cpu_kernel" in m["versions"] else "")
              + (f", CUDA {m['versions']['cuda']}, cuDNN {m['versions'].get('cudnn')}"
                 if cuda else "")
-             + ((", TF32 allowed in cuDNN and cuBLAS (our recurrence kernels compute in full "
+             + ((", TF32 allowed in cuDNN and cuBLAS (our cuBLAS GEMMs, the per_step_cublas "
+                 "recurrence's too, use it; the persistent and per_step kernels compute in full "
                  "float32)" if m["tf32"] else ", TF32 off on both sides") if cuda else "")
              + f", medians of {m['reps']} interleaved runs after {m['warmup']} warm-up; forward "
              f"in eval mode under no_grad. nn.RNN ran on {implementations(report['rows'])}.", "",
