@@ -165,6 +165,7 @@ struct Avx512 {
 
 // The AVX2 kernel: the same panels, each two 8-float vectors; 16 vector registers, so tiles of up to
 // 6 rows × 1 panel (12 accumulators, as in BLIS's Haswell kernel), fewer rows over more panels.
+
 // Lanes [0, count) of a vector set, for a masked load or store.
 FUSED_RNN_AVX2 inline __m256i lanes_below(int64_t count) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),

@@ -16,7 +16,7 @@
 // Without AVX-512 (AVX2 and FMA: 16 vector registers of 8 floats) the same panels are read as two
 // vectors each, in tiles of up to 6 rows × 1 panel. On a 2-core AMD EPYC without AVX-512, torch
 // 2.14.1, T = 64 float32 over the benchmark's 64 shapes, it moved fused forward from a median 1.38×
-// nn.RNN (MKL's steps) to 1.60×, forward+backward from 2.03× to 2.31×.
+// nn.RNN (MKL's steps) to 1.60×, forward+backward from 2.03× to 2.17–2.31× (two runs).
 #pragma once
 
 #include <cstdint>
