@@ -97,7 +97,12 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 sanitize = os.environ.get("FUSED_RNN_SANITIZE") == "1"
 werror = os.environ.get("FUSED_RNN_WERROR", "1").strip().lower() not in ("0", "false", "off", "no")
-cxx_flags = ["-O3" if not sanitize else "-O1", "-Wall", "-Wextra",
+# -fno-trapping-math: GCC otherwise will not if-convert a loop whose branches hold floating-point
+# operations (they might trap), and left the AVX2 clone of the float tanh loop scalar and branchy
+# (7.3 ns per element against 1.2 vectorised, 2-core AMD EPYC; tests/test_ops.py checks every
+# AVX2 and AVX-512 clone is vectorised). It changes no result: only whether FP exceptions may be
+# raised on paths whose results are discarded.
+cxx_flags = ["-O3" if not sanitize else "-O1", "-fno-trapping-math", "-Wall", "-Wextra",
              "-Wno-unused-parameter", "-Wno-missing-field-initializers"] + (["-Werror"] if werror
                                                                            else [])
 link_flags = []

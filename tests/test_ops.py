@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -340,6 +341,35 @@ def test_avx2_panel_kernel_where_avx512_runs_too():
 @pytest.mark.skipif("FUSED_RNN_EXPECT_ISA" not in os.environ, reason="run by the test above")
 def test_avx2_kernel_is_running():
     assert _ops._C.cpu_panel_isa() == os.environ["FUSED_RNN_EXPECT_ISA"]
+
+
+def _disassembly(library, symbol):
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--disassemble={symbol}", library],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@native
+@pytest.mark.skipif(shutil.which("nm") is None or shutil.which("objdump") is None,
+                    reason="no binutils (nm, objdump) here")
+def test_multiversioned_loops_are_vectorised():
+    """The pointwise loops are compiled for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and baseline
+    x86-64 and picked at load time; each AVX-512 clone must use zmm registers and each AVX2 clone
+    ymm ones. (The AVX2 clone of the float tanh once compiled to scalar code with a branch per
+    element: GCC's trapping-math default kept it from if-converting the loop.)"""
+    library = _ops._C.__file__
+    names = subprocess.run(["nm", library], capture_output=True, text=True, timeout=120)
+    assert names.returncode == 0, names.stderr
+    clones = sorted({line.split()[-1] for line in names.stdout.splitlines()
+                     if line.split()[-1].endswith((".arch_x86_64_v3", ".arch_x86_64_v4"))})
+    if not clones:
+        pytest.skip("no multiversioned clones in this build (not a GCC x86-64 build)")
+    # float and double tanh, relu and their gradients: 7 loops, two clones each.
+    assert len(clones) == 14, clones
+    for symbol in clones:
+        register = "%zmm" if symbol.endswith("v4") else "%ymm"
+        assert register in _disassembly(library, symbol), f"{symbol} has no {register} instruction"
 
 
 # (batch, hidden): every batch remainder modulo the kernel's 8-row tiles, batches above 8, and hidden
