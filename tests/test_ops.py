@@ -253,8 +253,9 @@ def test_cpu_step_parts_heuristic(monkeypatch):
     assert parts(1, 8, 8, 4) == 1
 
 
-def _assert_layer_ops_match_float64(args, dtype, seed=4):
-    """rnn_layer_forward and rnn_layer_backward on args against the float64 reference."""
+def _layer_ops_and_float64(args, dtype, seed=4):
+    """(ours, float64 reference) pairs: the outputs of rnn_layer_forward and rnn_layer_backward on
+    args (out, h_n, dx, dhx, the weight gradients)."""
     x, hx, ws, bs, relu, has_biases = args
     out, hn = torch.ops.fused_rnn.rnn_layer_forward(*args)
     g = torch.Generator().manual_seed(seed)
@@ -266,9 +267,14 @@ def _assert_layer_ops_match_float64(args, dtype, seed=4):
     ref = _reference.rnn_layer_forward(x.double(), hx.double(), w64, bs, relu, has_biases)
     want = _reference.rnn_layer_backward(go.double(), gh.double(), x.double(), hx.double(), w64,
                                          ref[0], bs, relu, has_biases, [True] * 3)
+    return list(zip([out, hn, got[0], got[1], *got[2]],
+                    [ref[0], ref[1], want[0], want[1], *want[2]]))
+
+
+def _assert_layer_ops_match_float64(args, dtype, seed=4):
+    """rnn_layer_forward and rnn_layer_backward on args against the float64 reference."""
     tol = 1e-11 if dtype == torch.float64 else 2e-5
-    for a, b in zip([out, hn, got[0], got[1], *got[2]],
-                    [ref[0], ref[1], want[0], want[1], *want[2]]):
+    for a, b in _layer_ops_and_float64(args, dtype, seed):
         torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
 
 
@@ -392,6 +398,39 @@ def test_panel_step_kernel_equals_the_reference(batch, hidden, parts, monkeypatc
     lengths = [6 - i % 4 for i in range(batch)]
     for args in sample_inputs(torch.float32, False, hidden=hidden, lengths=sorted(lengths)[::-1]):
         _assert_layer_ops_match_float64(_contracting(args), torch.float32)
+
+
+@native
+@pytest.mark.skipif(_ops._C is not None and _ops._C.cpu_step_kernel(8, 64, 64) != "panel",
+                    reason="the panel kernel does not run on this machine")
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("steps,batch,input_size,hidden", [(4, 50, 1300, 70), (3, 7, 20, 1100)])
+def test_panel_kernel_cache_blocks_equal_the_reference(steps, batch, input_size, hidden, packed):
+    """Products across the AVX2 kernel's cache blocks: inner dimensions deeper than one 1024-deep
+    slice with a partial last one (the input projection at I = 1300, the steps at H = 1100), more
+    rows than one 96-row chunk (the 200 input-projection rows), more columns than one 64-column
+    group with a partial last group (H = 70, 1100); biases (added by the first slice only), both
+    directions, packed or not; against the float64 reference. The weight gradients here are sums
+    over 200 rows of values near 1 (up to about 56), so each tensor's absolute tolerance is 2e-5 of
+    its own largest value (2e-5 itself for the outputs, which are at most 1); a block summed twice,
+    or missed, or a bias added twice, is off by far more."""
+    g = torch.Generator().manual_seed(11)
+    lengths = [steps] * (batch - 2) + [steps - 1, 1]
+    if packed:
+        p = pack_sequence([torch.randn(n, input_size, generator=g) for n in lengths])
+        x, bs = p.data, p.batch_sizes
+    else:
+        x, bs = torch.randn(steps, batch, input_size, generator=g), None
+    D = 2
+    hx = torch.randn(D, batch, hidden, generator=g)
+    ws = []
+    for _ in range(D):  # scaled by 1/sqrt(fan-in): a contracting recurrence, tanh off saturation
+        ws += [torch.randn(hidden, input_size, generator=g) / input_size ** 0.5,
+               torch.randn(hidden, hidden, generator=g) * 0.8 / hidden ** 0.5,
+               torch.randn(hidden, generator=g) * 0.1, torch.randn(hidden, generator=g) * 0.1]
+    for a, b in _layer_ops_and_float64((x, hx, ws, bs, False, True), torch.float32):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b, atol=2e-5 * scale, rtol=2e-5)
 
 
 @native
