@@ -196,13 +196,20 @@ def half_type_bound(dtype: torch.dtype, ref_error: float) -> float:
     return 2 * ref_error + torch.finfo(dtype).eps / 8
 
 
-def gemm_gflops(device: str, dtype: torch.dtype = torch.float32, n: int = 2048,
-                reps: int = 10) -> float:
-    """This machine's GEMM rate on large square matrices (the roofline for big shapes)."""
+def gemm_call(device: str, dtype: torch.dtype = torch.float32,
+              n: int = 2048) -> Tuple[Callable[[], object], float]:
+    """One large square GEMM (the roofline for big shapes) to time, and its floating-point ops."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    (t,) = interleaved_medians([lambda: torch.mm(a, b)], device, reps=reps, warmup=2)
-    return 2.0 * n ** 3 / t / 1e9
+    return (lambda: torch.mm(a, b)), 2.0 * n ** 3
+
+
+def gemm_gflops(device: str, dtype: torch.dtype = torch.float32, n: int = 2048,
+                reps: int = 10) -> float:
+    """This machine's GEMM rate on large square matrices, now."""
+    fn, flops = gemm_call(device, dtype, n)
+    (t,) = interleaved_medians([fn], device, reps=reps, warmup=2)
+    return flops / t / 1e9
 
 
 def progress(done: int, total: int, label: str, width: int = 30) -> str:

@@ -26,7 +26,8 @@ import torch
 
 from fused_rnn import _ops
 from bench.common import (HALF_TYPES, Shape, default_tolerance, device_name,
-                          errors_against_float32, forward_backward_fn, forward_fn, gemm_gflops,
+                          errors_against_float32, forward_backward_fn, forward_fn, gemm_call,
+                          gemm_gflops,
                           half_type_bound, interleaved_medians, make_input, make_models,
                           max_abs_diff, nn_rnn_implementation, peak_memory_bytes, progress,
                           require_native, versions)
@@ -55,13 +56,25 @@ def parse_shapes(spec: str, layers: List[int], bidirectional: List[bool]) -> Lis
     return out
 
 
-def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: int) -> Dict:
+def is_large(shape) -> bool:
+    """The benchmark issue's large shapes (a Shape or a report row), judged against the GEMM rate."""
+    h, b = (shape["H"], shape["B"]) if isinstance(shape, dict) else (shape.H, shape.B)
+    return h >= 512 and b >= 32
+
+
+def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: int,
+            gemm=None) -> Dict:
+    """One shape's row of the report. gemm: (fn, flops) of the GEMM whose rate large shapes are
+    judged against; timed interleaved with their forwards, so that both meet the same machine
+    (on this shared machine the rate at the start of a run read 125–144 GFLOP/s over four runs
+    within one hour)."""
     ref, fused = make_models(shape, device, dtype)
     x = make_input(shape, device, dtype)
     diff = max_abs_diff(ref, fused, x)
     impl = nn_rnn_implementation(ref, x)
-    fwd_ref, fwd_fused = interleaved_medians([forward_fn(ref, x), forward_fn(fused, x)], device,
-                                             reps, warmup)
+    beside = gemm is not None and is_large(shape)
+    fns = [forward_fn(ref, x), forward_fn(fused, x)] + ([gemm[0]] if beside else [])
+    fwd_ref, fwd_fused, *gemm_s = interleaved_medians(fns, device, reps, warmup)
     fb_ref_fn, fb_fused_fn = forward_backward_fn(ref, x), forward_backward_fn(fused, x)
     fb_ref, fb_fused = interleaved_medians([fb_ref_fn, fb_fused_fn], device, reps, warmup)
     # The CUDA path of the latest (forward+backward) run of ours, after any fallback.
@@ -85,6 +98,7 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
         "speedup_forward": fwd_ref / fwd_fused,
         "speedup_forward_backward": fb_ref / fb_fused,
         "fused_forward_gflops": shape.forward_flops() / fwd_fused / 1e9,
+        **({"gemm_gflops": gemm[1] / gemm_s[0] / 1e9} if beside else {}),
         "peak_memory_bytes": {"nn.RNN": mem_ref, "fused_rnn": mem_fused},
         "max_abs_diff": diff, "tolerance": tol, "correct": bool(correct), **judged,
         **({"cuda_path": paths} if paths else {}),
@@ -100,12 +114,18 @@ def summarize(rows: List[Dict], gemm: float, device: str) -> Dict:
     s["memory_fused_le_nn_rnn"] = all(
         r["peak_memory_bytes"]["fused_rnn"] <= r["peak_memory_bytes"]["nn.RNN"] for r in rows)
     if gemm:
-        s["gemm_gflops"] = gemm
-        large = [r for r in rows if r["H"] >= 512 and r["B"] >= 32]
+        s["gemm_gflops"] = gemm  # at the start of the run
+        large = [r for r in rows if is_large(r)]
         if large:
-            fracs = [r["fused_forward_gflops"] / gemm for r in large]
+            # Each large shape against the rate timed beside its forward (reports from before
+            # that was timed: the rate at the start).
+            rates = [r.get("gemm_gflops", gemm) for r in large]
+            fracs = [r["fused_forward_gflops"] / rate for r, rate in zip(large, rates)]
             s["large_forward_fraction_of_gemm"] = {"median": statistics.median(fracs),
                                                    "min": min(fracs)}
+            if any("gemm_gflops" in r for r in large):
+                s["gemm_gflops_beside_large"] = {"median": statistics.median(rates),
+                                                 "min": min(rates), "max": max(rates)}
     return s
 
 
@@ -165,12 +185,18 @@ def markdown(report: Dict) -> str:
         lines.append(f"In {m['dtype']} a result is judged by its error against nn.RNN in float32 on "
                      f"the same input: fused_rnn's may be at most 2× nn.RNN's (+ ε/8); largest "
                      f"ratio here {worst:.2f}.")
+    beside = s.get("gemm_gflops_beside_large")
     if "gemm_gflops" in s:
-        lines.append(f"GEMM rate (2048² {m['dtype']}): {s['gemm_gflops']:.0f} GFLOP/s.")
+        lines.append(f"GEMM rate (2048² {m['dtype']}): {s['gemm_gflops']:.0f} GFLOP/s at the start "
+                     "of the run" + (f"; timed interleaved with each large shape's forward: median "
+                                     f"{beside['median']:.0f} ({beside['min']:.0f}–"
+                                     f"{beside['max']:.0f}) GFLOP/s." if beside else "."))
     if "large_forward_fraction_of_gemm" in s:
         fr = s["large_forward_fraction_of_gemm"]
         lines.append(f"Fused forward on large shapes (H ≥ 512, B ≥ 32): median "
-                     f"{fr['median'] * 100:.0f}% of the GEMM rate, min {fr['min'] * 100:.0f}%.")
+                     f"{fr['median'] * 100:.0f}% of the GEMM rate"
+                     + (" timed beside it" if beside else "")
+                     + f", min {fr['min'] * 100:.0f}%.")
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +265,12 @@ def main(argv=None) -> int:
                                    f"{device.split(':')[0]}-{now.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
 
-    gemm = gemm_gflops(device, dtype) if not device.startswith("cuda") else 0.0
+    # The CPU's GEMM rate, the roofline of large shapes, in float32 and float64 runs only: the CPU
+    # runs half types on nn.RNN's own ATen ops (nothing of ours to judge against it), and a 2048²
+    # bfloat16 GEMM on a CPU without AVX-512 BF16 took over 10 s.
+    cpu = not device.startswith("cuda") and dtype in (torch.float32, torch.float64)
+    gemm = gemm_gflops(device, dtype) if cpu else 0.0
+    gemm_beside = gemm_call(device, dtype) if cpu else None
     meta = {"device": name, "device_type": device.split(":")[0], "driver": driver,
             "date": now.isoformat(timespec="seconds"), "dtype": args.dtype,
             "tf32": bool(args.tf32), "reps": args.reps, "warmup": args.warmup,
@@ -249,7 +280,7 @@ def main(argv=None) -> int:
     for i, shape in enumerate(shapes):
         sys.stderr.write(progress(i, len(shapes), shape.label))
         sys.stderr.flush()
-        rows.append(measure(shape, device, dtype, args.reps, args.warmup))
+        rows.append(measure(shape, device, dtype, args.reps, args.warmup, gemm_beside))
         # After every shape (marked partial until the last): a run cut short keeps what it measured.
         report = {"meta": dict(meta, partial=len(rows) < len(shapes)), "rows": rows,
                   "summary": summarize(rows, gemm, device)}

@@ -88,6 +88,32 @@ def test_runner_judges_half_types_against_float32(tmp_path):
     assert "judged by its error against nn.RNN in float32" in (tmp_path / "results.md").read_text()
 
 
+def test_large_shapes_are_judged_against_the_gemm_rate_timed_beside_them(tmp_path, monkeypatch):
+    """On the CPU, the GEMM whose rate large shapes (H >= 512, B >= 32) are judged against is timed
+    interleaved with each large shape's forward, and each shape's fraction is of its own rate: one
+    shape at 2 GFLOP/s beside a GEMM at 4 is at 50%, whatever the rate at the start of the run."""
+    from bench.common import Shape, gemm_call
+
+    gemm = gemm_call("cpu", torch.float32, n=64)
+    large = bench_run.measure(Shape(2, 32, 512), "cpu", torch.float32, 1, 0, gemm)
+    small = bench_run.measure(Shape(2, 8, 512), "cpu", torch.float32, 1, 0, gemm)
+    assert large["gemm_gflops"] > 0 and "gemm_gflops" not in small
+    rows = [dict(large, fused_forward_gflops=2.0, gemm_gflops=4.0),
+            dict(large, H=1024, fused_forward_gflops=3.0, gemm_gflops=3.0), small]
+    s = bench_run.summarize(rows, 100.0, "cpu")
+    assert s["gemm_gflops"] == 100.0
+    assert s["large_forward_fraction_of_gemm"] == {"median": 0.75, "min": 0.5}
+    assert s["gemm_gflops_beside_large"] == {"median": 3.5, "min": 3.0, "max": 4.0}
+    # A report from before the rate was timed beside each shape: the rate at the start.
+    old = [{k: v for k, v in r.items() if k != "gemm_gflops"} for r in rows]
+    assert bench_run.summarize(old, 4.0, "cpu")["large_forward_fraction_of_gemm"]["min"] == 0.5
+    meta = {"device": "cpu", "device_type": "cpu", "date": "2026-11-30", "dtype": "float32",
+            "tf32": False, "reps": 1, "warmup": 0, "versions": {"torch": torch.__version__}}
+    md = bench_run.markdown({"meta": meta, "rows": rows, "summary": s})
+    assert "timed interleaved with each large shape's forward: median 4 (3–4) GFLOP/s" in md
+    assert "median 75% of the GEMM rate timed beside it, min 50%" in md
+
+
 def test_runner_keeps_a_partial_report_when_cut_short(tmp_path, monkeypatch):
     """A run that ends early (the GPU check's deadline) leaves results.json and results.md with
     what it measured, marked partial."""
