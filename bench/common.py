@@ -204,10 +204,9 @@ def gemm_call(device: str, dtype: torch.dtype = torch.float32,
     return (lambda: torch.mm(a, b)), 2.0 * n ** 3
 
 
-def gemm_gflops(device: str, dtype: torch.dtype = torch.float32, n: int = 2048,
-                reps: int = 10) -> float:
-    """This machine's GEMM rate on large square matrices, now."""
-    fn, flops = gemm_call(device, dtype, n)
+def gemm_gflops(call: Tuple[Callable[[], object], float], device: str, reps: int = 10) -> float:
+    """The rate of a gemm_call's GEMM on this machine, now."""
+    fn, flops = call
     (t,) = interleaved_medians([fn], device, reps=reps, warmup=2)
     return flops / t / 1e9
 

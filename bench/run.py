@@ -56,10 +56,9 @@ def parse_shapes(spec: str, layers: List[int], bidirectional: List[bool]) -> Lis
     return out
 
 
-def is_large(shape) -> bool:
-    """The benchmark issue's large shapes (a Shape or a report row), judged against the GEMM rate."""
-    h, b = (shape["H"], shape["B"]) if isinstance(shape, dict) else (shape.H, shape.B)
-    return h >= 512 and b >= 32
+def is_large(batch: int, hidden: int) -> bool:
+    """The benchmark issue's large shapes, judged against the GEMM rate."""
+    return hidden >= 512 and batch >= 32
 
 
 def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: int,
@@ -72,7 +71,7 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
     x = make_input(shape, device, dtype)
     diff = max_abs_diff(ref, fused, x)
     impl = nn_rnn_implementation(ref, x)
-    beside = gemm is not None and is_large(shape)
+    beside = gemm is not None and is_large(shape.B, shape.H)
     fns = [forward_fn(ref, x), forward_fn(fused, x)] + ([gemm[0]] if beside else [])
     fwd_ref, fwd_fused, *gemm_s = interleaved_medians(fns, device, reps, warmup)
     fb_ref_fn, fb_fused_fn = forward_backward_fn(ref, x), forward_backward_fn(fused, x)
@@ -115,7 +114,7 @@ def summarize(rows: List[Dict], gemm: float, device: str) -> Dict:
         r["peak_memory_bytes"]["fused_rnn"] <= r["peak_memory_bytes"]["nn.RNN"] for r in rows)
     if gemm:
         s["gemm_gflops"] = gemm  # at the start of the run
-        large = [r for r in rows if is_large(r)]
+        large = [r for r in rows if is_large(r["B"], r["H"])]
         if large:
             # Each large shape against the rate timed beside its forward (reports from before
             # that was timed: the rate at the start).
@@ -269,8 +268,8 @@ def main(argv=None) -> int:
     # runs half types on nn.RNN's own ATen ops (nothing of ours to judge against it), and a 2048²
     # bfloat16 GEMM on a CPU without AVX-512 BF16 took over 10 s.
     cpu = not device.startswith("cuda") and dtype in (torch.float32, torch.float64)
-    gemm = gemm_gflops(device, dtype) if cpu else 0.0
     gemm_beside = gemm_call(device, dtype) if cpu else None
+    gemm = gemm_gflops(gemm_beside, device) if cpu else 0.0
     meta = {"device": name, "device_type": device.split(":")[0], "driver": driver,
             "date": now.isoformat(timespec="seconds"), "dtype": args.dtype,
             "tf32": bool(args.tf32), "reps": args.reps, "warmup": args.warmup,

@@ -88,7 +88,7 @@ def test_runner_judges_half_types_against_float32(tmp_path):
     assert "judged by its error against nn.RNN in float32" in (tmp_path / "results.md").read_text()
 
 
-def test_large_shapes_are_judged_against_the_gemm_rate_timed_beside_them(tmp_path, monkeypatch):
+def test_large_shapes_are_judged_against_the_gemm_rate_timed_beside_them():
     """On the CPU, the GEMM whose rate large shapes (H >= 512, B >= 32) are judged against is timed
     interleaved with each large shape's forward, and each shape's fraction is of its own rate: one
     shape at 2 GFLOP/s beside a GEMM at 4 is at 50%, whatever the rate at the start of the run."""

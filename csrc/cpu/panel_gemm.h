@@ -9,10 +9,9 @@
 //
 // The kernel: C is cut into tiles of up to 8 rows × 32 columns (or, below 6 rows, × 64), each summed
 // in registers over the whole inner dimension k (AVX2, k > 1024: over slices of it, below), then
-// added to C (or a bias) and stored. The right
-// side is packed first (once for all T steps, or once per whole-sequence product) into contiguous
-// panels of 16 columns (one vector) × k; the left side is read in place, one element at a time
-// (broadcast).
+// added to C (or a bias) and stored. The right side is packed first (once for all T steps, or once
+// per whole-sequence product) into contiguous panels of 16 columns (one vector) × k; the left side
+// is read in place, one element at a time (broadcast).
 //
 // Without AVX-512 (AVX2 and FMA: 16 vector registers of 8 floats) the same panels are read as two
 // vectors each, in tiles of up to 6 rows × 1 panel. On a 2-core AMD EPYC without AVX-512, torch
