@@ -36,20 +36,27 @@ inline float exp_float(float y) {
   return p * scale;
 }
 
-// tanh in float, within a few ulp of the correctly rounded result: an odd Taylor polynomial near 0
-// (where 1 − 2/(e^{2x}+1) would cancel), 1 − 2/(e^{2|x|}+1) elsewhere; ±1 beyond |x| = 9 (where
-// float tanh is 1), NaN in NaN out.
+// tanh in float: below |x| = 0.8, x + x³·R(x²) with R the minimax polynomial of tools/fit_tanh.py
+// (relative error 3.8e-9); from there 1 − 2/(e^{2|x|}+1), which no longer cancels (2/(e^{2x}+1) <
+// tanh x from 0.55 on); ±1 beyond |x| = 10 (float tanh is 1 from 9.02); ±0 and NaN as they come.
+// Over every float it is within 1.04 ulp of the exact value with FMA contraction, 1.14 without
+// (tools/tanh_error.py). The switch at 0.2 with a Taylor polynomial it replaced was 6.3 ulp off
+// just past 0.2, where the exp form cancels; this one costs two more FMAs (0.80 ns an element
+// against 0.76 on one Zen 3 core, AVX2).
 inline float tanh_float(float x) {
   const float a = std::fabs(x);
-  const float e = exp_float(2.f * a < 18.f ? 2.f * a : 18.f);
+  const float e = exp_float(2.f * a < 20.f ? 2.f * a : 20.f);
   const float far = 1.f - 2.f / (e + 1.f);
   const float x2 = x * x;
-  float p = 62.f / 2835.f;
-  p = p * x2 - 17.f / 315.f;
-  p = p * x2 + 2.f / 15.f;
-  p = p * x2 - 1.f / 3.f;
+  float p = 0.00158857530073f;
+  p = p * x2 - 0.00741721348588f;
+  p = p * x2 + 0.021308784355f;
+  p = p * x2 - 0.0538543638078f;
+  p = p * x2 + 0.133322531656f;
+  p = p * x2 - 0.333332991043f;
   const float near = x + x * x2 * p;
-  const float r = a < 0.2f ? near : std::copysign(far, x);
+  // near has the sign of x, but for x = -0 it is -0 + +0 = +0: hence the copysign.
+  const float r = std::copysign(a < 0.8f ? near : far, x);
   return x != x ? x : r;
 }
 
