@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import statistics
+import subprocess
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -222,6 +224,26 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
 
 
+def source_commit() -> Optional[str]:
+    """The commit the benchmarked code came from: GPU_CHECK_COMMIT where set (a device machine may
+    get the working tree without .git), else this checkout's HEAD, marked when the tree has
+    uncommitted changes; None outside a git checkout."""
+    named = os.environ.get("GPU_CHECK_COMMIT", "").strip()
+    if named:
+        return named
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=30)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
 def versions() -> dict:
     info = {"torch": torch.__version__, "fused_rnn": fused_rnn.__version__,
             "cuda": torch.version.cuda, "backend_cpu": fused_rnn.backend("cpu")}
@@ -242,8 +264,6 @@ def device_name(device: str) -> Tuple[str, Optional[str]]:
         props = torch.cuda.get_device_properties(torch.device(device))
         driver = None
         try:
-            import subprocess
-
             driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
                                      "--format=csv,noheader"], capture_output=True, text=True,
                                     timeout=30).stdout.strip().splitlines()[0]

@@ -30,7 +30,7 @@ from bench.common import (HALF_TYPES, Shape, default_tolerance, device_name,
                           gemm_gflops,
                           half_type_bound, interleaved_medians, make_input, make_models,
                           max_abs_diff, nn_rnn_implementation, peak_memory_bytes, progress,
-                          require_native, versions)
+                          require_native, source_commit, versions)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -142,6 +142,7 @@ def markdown(report: Dict) -> str:
     m = report["meta"]
     cuda = m["device_type"] == "cuda"
     lines = [f"# fused_rnn vs nn.RNN — {m['device']} — {m['date']}", "",
+             f"Code: commit {m.get('commit') or 'unknown'}.", "",
              f"dtype {m['dtype']}, torch {m['versions']['torch']}"
              + (f", our CPU steps on the {m['versions']['cpu_kernel']}"
                 if not cuda and "cpu_kernel" in m["versions"] else "")
@@ -274,6 +275,7 @@ def main(argv=None) -> int:
             "date": now.isoformat(timespec="seconds"), "dtype": args.dtype,
             "tf32": bool(args.tf32), "reps": args.reps, "warmup": args.warmup,
             "threads": torch.get_num_threads(), "versions": versions(),
+            "commit": source_commit(),
             "shapes_planned": len(shapes)}
     rows: List[Dict] = []
     for i, shape in enumerate(shapes):

@@ -26,7 +26,8 @@ def speedup_table(report: Dict) -> str:
     kernel = m["versions"].get("cpu_kernel") if m["device_type"] == "cpu" else None
     lines = [f"Speedup over `nn.RNN`, forward / forward+backward ({m['device']}"
              + (f", {kernel}" if kernel else "") + f", torch {m['versions']['torch']}, "
-             f"{m['dtype']}, {m['date'][:10]}):", "",
+             f"{m['dtype']}, {m['date'][:10]}"
+             + (f", commit {m['commit']}" if m.get("commit") else "") + "):", "",
              "| B | H | " + " | ".join(config_name(*c) for c in configs) + " |",
              "|---|---|" + "---|" * len(configs)]
     for b, h in sorted({(r["B"], r["H"]) for r in rows}):

@@ -36,6 +36,16 @@ def test_runner_writes_a_complete_report(device, tmp_path, capsys):
     assert meta["device_type"] == device and meta["dtype"] == "float32"
     assert meta["tf32"] is False and meta["versions"]["torch"] == torch.__version__
     assert meta["date"][:4].isdigit()
+    # The commit the code came from: GPU_CHECK_COMMIT where set, else this checkout's HEAD (marked
+    # if the tree differs from it), None outside a git checkout.
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    named = os.environ.get("GPU_CHECK_COMMIT", "").strip()
+    if named or head:
+        assert meta["commit"].split(" ")[0] == (named or head)
+    else:
+        assert meta["commit"] is None
+    assert f"Code: commit {meta['commit'] or 'unknown'}." in (tmp_path / "results.md").read_text()
     # 2 shapes × 2 layer counts × 2 directions, each with both sides' times, speedups, error, memory.
     assert len(rows) == 8 and summary["shapes"] == 8 and summary["wrong_results"] == 0
     assert {(r["T"], r["B"], r["H"]) for r in rows} == {(4, 2, 8), (3, 1, 20)}
@@ -59,6 +69,7 @@ def test_runner_writes_a_complete_report(device, tmp_path, capsys):
         assert f"our CPU steps on the {kernel}" in (tmp_path / "results.md").read_text()
         from bench.table import speedup_table
         assert f"{meta['device']}, {kernel}, torch" in speedup_table(report)
+        assert (f", commit {meta['commit']}):" in speedup_table(report)) == bool(meta["commit"])
     else:  # the CUDA path each shape ran on, in the JSON and the table
         paths = {"persistent", "per_step", "per_step_cublas"}
         assert all(set(r["cuda_path"].values()) <= paths for r in rows)
