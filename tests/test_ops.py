@@ -579,6 +579,55 @@ def test_blas_step_paths_keep_parity():
 
 
 @native
+def test_short_sequences_do_not_pack():
+    """Below 64 rows in all (T · B), packing W (panels, or MKL's format) costs more than it saves, so
+    those sequences take the plain GEMMs: by default, and as FUSED_RNN_CPU_MIN_PACK_ROWS moves the
+    threshold, read at every call. Parity holds on the plain path for one-step calls (a decoder's)
+    and a step-by-step loop matches the whole sequence."""
+    code = """
+        import os, torch, fused_rnn
+        from conftest import make_pair, make_input, run_and_grad, assert_close
+        os.environ.pop("FUSED_RNN_CPU_MIN_PACK_ROWS")  # conftest's setting for the other tests
+        C = fused_rnn._ops._C
+        assert C.cpu_min_packing_rows() == 64
+        plain = C.cpu_step_kernel(8, 512, 512, 63)
+        assert plain == C.cpu_gemm_path(), plain
+        assert C.cpu_step_kernel(8, 512, 512, 64) == C.cpu_step_kernel(8, 512, 512)
+        os.environ["FUSED_RNN_CPU_MIN_PACK_ROWS"] = "1000"
+        assert C.cpu_min_packing_rows() == 1000 and C.cpu_step_kernel(8, 512, 512, 999) == plain
+        os.environ["FUSED_RNN_CPU_MIN_PACK_ROWS"] = "1"
+        assert C.cpu_step_kernel(8, 512, 512, 1) == C.cpu_step_kernel(8, 512, 512)
+        del os.environ["FUSED_RNN_CPU_MIN_PACK_ROWS"]
+        g = torch.Generator().manual_seed(3)
+        for T, B, H, layers, bi in [(1, 8, 512, 2, False), (1, 1, 300, 1, True),
+                                    (3, 5, 64, 1, False)]:
+            ref, fused = make_pair(H, H, layers, "tanh", True, False, 0.0, bi, dtype=torch.float32)
+            x, leaves = make_input("padded", False, T, B, H, dtype=torch.float32, device="cpu",
+                                   gen=g)
+            a, b = run_and_grad(ref, x, leaves, None), run_and_grad(fused, x, leaves, None)
+            for u, v in zip(b[:2], a[:2]):
+                assert_close(u, v, torch.float32)
+            for u, v in zip(b[2], a[2]):
+                assert_close(u, v, torch.float32)
+        # A decoder's loop: one step per call, the state carried, against the whole sequence.
+        ref, fused = make_pair(256, 256, 2, "tanh", True, False, 0.0, False, dtype=torch.float32)
+        x = torch.randn(12, 4, 256, generator=g)
+        with torch.no_grad():
+            whole, h_whole = fused(x)
+            h, outs = None, []
+            for t in range(12):
+                o, h = fused(x[t:t + 1], h)
+                outs.append(o)
+        assert_close(torch.cat(outs), whole, torch.float32)
+        assert_close(h, h_whole, torch.float32)
+        print("short ok")
+    """
+    res = _run_python(code)
+    assert res.returncode == 0, res.stderr
+    assert "short ok" in res.stdout
+
+
+@native
 def test_aten_gemm_path_keeps_parity():
     """FUSED_RNN_CPU_GEMM=aten forces the fallback used where no Fortran BLAS is exported."""
     code = "import fused_rnn\nassert fused_rnn._ops._C.cpu_gemm_path() == 'aten'\n" + \

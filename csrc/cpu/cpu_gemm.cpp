@@ -162,30 +162,41 @@ at::Tensor packed_panels(const float* b, int64_t n, int64_t k, int64_t ldb, bool
 
 }  // namespace
 
-bool float_step_packed(int64_t rows, int64_t n, int64_t k) {
-  return fits_int(n) && fits_int(k) && fits_int(rows) && rows >= kMinPackedRows &&
-         n * k >= kMinPackedElements && packing_available();
+int64_t min_packing_rows() {
+  const char* v = std::getenv("FUSED_RNN_CPU_MIN_PACK_ROWS");
+  return v == nullptr || *v == '\0' ? kMinPackingRows : std::max<int64_t>(0, std::atoll(v));
 }
 
-const char* float_step_kernel(int64_t rows, int64_t n, int64_t k) {
-  if (panel_gemm_available()) return "panel";
-  return float_step_packed(rows, n, k) ? "packed" : gemm_path();
+namespace {
+bool panels_pay(int64_t total_rows) {
+  return panel_gemm_available() && total_rows >= min_packing_rows();
+}
+}  // namespace
+
+bool float_step_packed(int64_t rows, int64_t n, int64_t k, int64_t total_rows) {
+  return fits_int(n) && fits_int(k) && fits_int(rows) && rows >= kMinPackedRows &&
+         n * k >= kMinPackedElements && total_rows >= min_packing_rows() && packing_available();
+}
+
+const char* float_step_kernel(int64_t rows, int64_t n, int64_t k, int64_t total_rows) {
+  if (panels_pay(total_rows)) return "panel";
+  return float_step_packed(rows, n, k, total_rows) ? "packed" : gemm_path();
 }
 
 template <typename scalar_t>
 StepRhs<scalar_t>::StepRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb,
-                           bool transpose_b, int64_t rows)
+                           bool transpose_b, int64_t rows, int64_t /*total_rows*/)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {}
 
 template <>
 StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b,
-                        int64_t rows)
+                        int64_t rows, int64_t total_rows)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {
-  if (panel_gemm_available()) {
+  if (panels_pay(total_rows)) {
     panels_ = packed_panels(b, n, k, ldb, transpose_b);
     return;
   }
-  if (!fits_int(ldb) || !float_step_packed(rows, n, k)) return;
+  if (!fits_int(ldb) || !float_step_packed(rows, n, k, total_rows)) return;
   const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(rows),
                                                  static_cast<int>(n), static_cast<int>(k));
   packed_ = static_cast<float*>(std::malloc(bytes));
@@ -257,7 +268,7 @@ int64_t recurrence_threads() {
 
 template <typename scalar_t>
 SplitRhs<scalar_t>::SplitRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb,
-                             bool transpose_b, int64_t rows, int64_t parts) {
+                             bool transpose_b, int64_t rows, int64_t total_rows, int64_t parts) {
   parts = std::max<int64_t>(1, std::min(parts, max_column_blocks(n)));
   // Equal blocks rounded to kColumnAlign columns; the last takes the rest.
   const int64_t per = (n / parts + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
@@ -269,7 +280,7 @@ SplitRhs<scalar_t>::SplitRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ld
     const int64_t c0 = edges_[p];
     const scalar_t* block = transpose_b ? b + c0 * ldb : b + c0;
     blocks_.push_back(std::make_unique<StepRhs<scalar_t>>(block, edges_[p + 1] - c0, k, ldb,
-                                                          transpose_b, rows));
+                                                          transpose_b, rows, total_rows));
   }
 }
 
@@ -313,7 +324,7 @@ void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
                    const at::Tensor& bias) {
   const int64_t m = a.size(0), k = b.size(0), n = b.size(1);
   // b is [k × n] row-major (unit column stride) or the transpose of a row-major [n × k].
-  const bool fits = panel_gemm_available() && out.scalar_type() == at::kFloat &&
+  const bool fits = panels_pay(m) && out.scalar_type() == at::kFloat &&
                     a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
                     (b.stride(1) == 1 || b.stride(0) == 1) && (a.stride(1) == 1 || k <= 1) &&
                     (out.stride(1) == 1 || n <= 1);

@@ -41,17 +41,32 @@ constexpr int64_t kMinPackedRows = 4;
 // 1.2 ms plain, B 4 H 512 3.5 vs 2.6, B 64 H 64 1.0 vs 0.8; B 8 H 1024, 2^19 per block, equal).
 constexpr int64_t kMinPackedElements = int64_t{1} << 18;
 
-// Whether a float32 StepRhs for these sizes (rows packed for, op(B) n × k) is packed by MKL.
-bool float_step_packed(int64_t rows, int64_t n, int64_t k);
+// Packing op(B) (into panels or MKL's format) reads and writes all of it once; it pays only when
+// enough rows of A are multiplied by it in all (T · B for a layer's steps, the sequence's rows for
+// its input projection). Below kMinPackingRows such rows both take the plain path: measured with
+// torch 2.14.1 on 2 EPYC (Zen 3) cores, one forward layer, H = 1024, B = 1: T = 1 0.34 ms plain
+// against 2.1 ms packed, T = 16 1.9 against 3.4; at 64 rows (H 256–512, B 8 T 8; B 32 T 2) the two
+// were within noise, from 128 packing won (H 512, B 32 T 16: 4.4 ms against 5.6). A decoder that
+// calls the RNN one step at a time is the case this serves. FUSED_RNN_CPU_MIN_PACK_ROWS=n sets the
+// threshold (read at every call; the tests pack from 1 row so that small shapes reach the kernels).
+constexpr int64_t kMinPackingRows = 64;
+int64_t min_packing_rows();
+
+// Whether a float32 StepRhs for these sizes (rows packed for, op(B) n × k, total_rows multiplied
+// by it in all) is packed by MKL.
+bool float_step_packed(int64_t rows, int64_t n, int64_t k, int64_t total_rows);
 
 // The kernel a float32 StepRhs for these sizes runs: "panel" (panel_gemm.h, wherever it is
 // available), "packed" (MKL's packed GEMM), "blas" or "aten" (gemm_rowmajor's paths).
-const char* float_step_kernel(int64_t rows, int64_t n, int64_t k);
+const char* float_step_kernel(int64_t rows, int64_t n, int64_t k, int64_t total_rows);
 
 template <typename scalar_t>
 class StepRhs {
  public:
-  StepRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b, int64_t rows);
+  // rows: the rows of A of most steps (what MKL packs for); total_rows: all the rows it will
+  // multiply (whether packing pays).
+  StepRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b, int64_t rows,
+          int64_t total_rows);
   ~StepRhs();
   StepRhs(const StepRhs&) = delete;
   StepRhs& operator=(const StepRhs&) = delete;
@@ -67,9 +82,9 @@ class StepRhs {
   at::Tensor panels_;           // panel_gemm's (float only)
 };
 
-// The CPU's SequenceGemm (rnn_layer.h): float32 on panel_gemm where it runs and the layouts allow
-// (b packed, in parallel over its panels, then the rows of out cut into blocks across torch's
-// intra-op threads); aten_gemm otherwise.
+// The CPU's SequenceGemm (rnn_layer.h): float32 on panel_gemm where it runs, the layouts allow and
+// a has min_packing_rows() rows or more (b packed, in parallel over its panels, then the rows of
+// out cut into blocks across torch's intra-op threads); aten_gemm otherwise.
 void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                    const at::Tensor& bias);
 
@@ -92,7 +107,7 @@ template <typename scalar_t>
 class SplitRhs {
  public:
   SplitRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b, int64_t rows,
-           int64_t parts);
+           int64_t total_rows, int64_t parts);
   SplitRhs(const SplitRhs&) = delete;
   SplitRhs& operator=(const SplitRhs&) = delete;
 

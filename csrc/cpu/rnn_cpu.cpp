@@ -46,7 +46,8 @@ void recurrence_forward(scalar_t* out, int64_t ld, const scalar_t* h0, const sca
   const auto& bs = s.bs;
   const auto& off = s.offset;
   copy_rows(hn, H, h0, H, s.batch, H);
-  const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/true, s.batch, parts);  // · W_hhᵀ
+  const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/true, s.batch, s.rows,
+                             parts);  // · W_hhᵀ
   if (!reverse) {
     w.for_each_step_part(s.steps, [&](int64_t t, int64_t p) {
       scalar_t* cur = out + off[t] * ld;
@@ -84,7 +85,8 @@ void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const sc
     copy_rows(dh0, H, dhn, H, s.batch, H);
     return;
   }
-  const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/false, s.batch, parts);  // · W_hh
+  const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/false, s.batch, s.rows,
+                             parts);  // · W_hh
   if (!reverse) {
     w.for_each_step_part(s.steps, [&](int64_t i, int64_t p) {
       const int64_t t = s.steps - 1 - i;
