@@ -43,11 +43,12 @@ constexpr int64_t kMinPackedElements = int64_t{1} << 18;
 
 // Packing op(B) (into panels or MKL's format) reads and writes all of it once; it pays only when
 // enough rows of A are multiplied by it in all (T · B for a layer's steps, the sequence's rows for
-// its input projection). Below kMinPackingRows such rows both take the plain path: measured with
-// torch 2.14.1 on 2 EPYC (Zen 3) cores, one forward layer, H = 1024, B = 1: T = 1 0.34 ms plain
-// against 2.1 ms packed, T = 16 1.9 against 3.4; at 64 rows (H 256–512, B 8 T 8; B 32 T 2) the two
-// were within noise, from 128 packing won (H 512, B 32 T 16: 4.4 ms against 5.6). A decoder that
-// calls the RNN one step at a time is the case this serves. FUSED_RNN_CPU_MIN_PACK_ROWS=n sets the
+// its input projection). Below kMinPackingRows such rows both take the plain path. Measured with
+// torch 2.14.1 on 2 EPYC (Zen 3) cores, one forward layer, no_grad: H = 1024, B = 1, T = 1, 0.34 ms
+// plain against 2.1 ms packed; the two interleaved in one process, plain over packed time at 32
+// rows 0.62–0.88 (H 256–1024, B 8 T 4 and B 32 T 1), at 64 rows 0.82–1.08 (H 256–1024, B 8 T 8;
+// H 512, B 32 T 2), and at B 1, T 16, H 1024 1.21 in one run, 0.84 in another. A decoder calling
+// the RNN one step at a time is the case this serves. FUSED_RNN_CPU_MIN_PACK_ROWS=n sets the
 // threshold (read at every call; the tests pack from 1 row so that small shapes reach the kernels).
 constexpr int64_t kMinPackingRows = 64;
 int64_t min_packing_rows();
