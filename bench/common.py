@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import statistics
 import subprocess
 import time
@@ -222,26 +221,6 @@ def default_tolerance(dtype: torch.dtype) -> float:
     """Largest output difference accepted as 'the same result' over a benchmark-length sequence
     (float32, float64; half types are judged by errors_against_float32 instead)."""
     return {torch.float64: 1e-9, torch.float32: 1e-4}[dtype]
-
-
-def source_commit() -> Optional[str]:
-    """The commit the benchmarked code came from: GPU_CHECK_COMMIT where set (a device machine may
-    get the working tree without .git), else this checkout's HEAD, marked when the tree has
-    uncommitted changes; None outside a git checkout."""
-    named = os.environ.get("GPU_CHECK_COMMIT", "").strip()
-    if named:
-        return named
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=30)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 
 def versions() -> dict:

@@ -139,10 +139,7 @@ cuda_test_files() {
   nvcc --version | tail -n 2 || true
   $PY -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
   # A device may get a copy of the working tree without .git: then say GPU_CHECK_COMMIT=<sha>.
-  if [ -n "${GPU_CHECK_COMMIT:-}" ]; then echo "commit $GPU_CHECK_COMMIT"
-  elif git rev-parse --short HEAD >/dev/null 2>&1; then
-    echo "commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
-  else echo "commit unknown (no .git; set GPU_CHECK_COMMIT)"; fi
+  echo "commit $("$PY" -m bench.source)"  # as the benchmark reports name it
 } > "$STATE/env.txt" 2>&1
 cat "$STATE/env.txt" >> "$LOG"
 

@@ -27,10 +27,10 @@ import torch
 from fused_rnn import _ops
 from bench.common import (HALF_TYPES, Shape, default_tolerance, device_name,
                           errors_against_float32, forward_backward_fn, forward_fn, gemm_call,
-                          gemm_gflops,
-                          half_type_bound, interleaved_medians, make_input, make_models,
-                          max_abs_diff, nn_rnn_implementation, peak_memory_bytes, progress,
-                          require_native, source_commit, versions)
+                          gemm_gflops, half_type_bound, interleaved_medians, make_input,
+                          make_models, max_abs_diff, nn_rnn_implementation, peak_memory_bytes,
+                          progress, require_native, versions)
+from bench.source import source_commit
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}

@@ -253,7 +253,13 @@ def test_gpu_check_fails_loudly_without_a_gpu(tmp_path):
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "| smoke | FAIL (rc=1) |" in summary and "| tests-cuda | FAIL (rc=" in summary
     assert "| bench-float32 | not run |" in summary
-    assert "no CUDA device" in (tmp_path / "report" / "logs.txt").read_text()
+    logs = (tmp_path / "report" / "logs.txt").read_text()
+    assert "no CUDA device" in logs
+    # The commit line comes from bench.source, as the benchmark reports' does.
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    named = os.environ.get("GPU_CHECK_COMMIT", "").strip()
+    assert f"\ncommit {named or head or 'unknown'}" in logs
 
 
 def test_gpu_check_skips_the_rest_of_a_call_after_a_failed_build(tmp_path):
