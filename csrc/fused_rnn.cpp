@@ -1,5 +1,6 @@
 // fused_rnn._C: the op schemas (TORCH_LIBRARY) and the Python module that loading registers them.
-// Kernels live in cpu/ and cuda/; fake kernels and autograd in fused_rnn/_ops.py.
+// Kernels live in cpu/ and cuda/, the forward ops' autograd in autograd.cpp; fake kernels and the
+// backward ops' autograd in fused_rnn/_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 

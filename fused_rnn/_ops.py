@@ -9,8 +9,9 @@ Four ops (schemas below, math in csrc/rnn_layer.h):
 The native extension (fused_rnn._C) defines them and registers C++ (and CUDA) kernels. Where it is
 missing, the same schemas are defined here. Either way, every device without a native kernel gets the
 pure-PyTorch kernels of _reference.py, so the ops always run. Autograd: the forward's backward calls
-rnn_layer_backward (the fused BPTT); the backward op's own backward differentiates the reference
-backward, which is what second-order gradients run.
+the backward op (the fused BPTT) — registered in C++ by the extension (csrc/autograd.cpp, which keeps
+the per-call cost of a one-step call low), here when it is missing; the backward op's own backward
+differentiates the reference backward, which is what second-order gradients run.
 """
 
 from __future__ import annotations
@@ -309,7 +310,9 @@ def _forward_backward(ctx, grad_output, grad_h_n):
     return _input_grads(ctx.mask, *grads, len(weights), non_tensor_args=3)
 
 
-torch.library.register_autograd(FORWARD, _forward_backward, setup_context=_forward_setup_context)
+if _C is None:  # the extension registers the forward ops' autograd in C++ (csrc/autograd.cpp)
+    torch.library.register_autograd(FORWARD, _forward_backward,
+                                    setup_context=_forward_setup_context)
 
 
 def _stack_forward_setup_context(ctx, inputs, output):
@@ -343,8 +346,9 @@ def _stack_forward_backward(ctx, grad_output, grad_h_n, grad_hidden_outputs):
     return _input_grads(ctx.mask, *grads, len(weights), non_tensor_args=4)
 
 
-torch.library.register_autograd(STACK_FORWARD, _stack_forward_backward,
-                                setup_context=_stack_forward_setup_context)
+if _C is None:
+    torch.library.register_autograd(STACK_FORWARD, _stack_forward_backward,
+                                    setup_context=_stack_forward_setup_context)
 
 
 def _reference_vjp(ctx, backward, output_mask, gg_input, gg_hx, gg_weights):
