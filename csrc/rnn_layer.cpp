@@ -221,12 +221,16 @@ at::Tensor grad_input_in_place(at::Tensor& dA, at::TensorList weights, const Lay
   // each block is a GEMM, and thin or small ones run far below the GEMM rate (float32 on 2 cores:
   // T = 64, B = 32, H = 256, 64 blocks of 32 rows took 3.8 ms where one GEMM takes 1.35 ms; B = 64,
   // H = 64, 16 blocks of 256 rows 0.42 ms where one GEMM takes 0.18 ms). The scratch stays under
-  // kMaxBlockElements elements.
+  // kMaxBlockElements elements. A dA of at most kMinBlockElements is one block: a quarter of a few
+  // rows made GEMMs of 2 rows that each re-read W_ih (T 1, B 8, H 512: four 78 µs GEMMs where one
+  // takes about 100 µs), for a scratch of at most 256 KB.
   constexpr int64_t kMinBlockRows = 256;
   constexpr int64_t kMinBlockElements = int64_t{1} << 16;
   constexpr int64_t kMaxBlockElements = int64_t{1} << 20;
   const int64_t min_rows = std::max(kMinBlockRows, kMinBlockElements / std::max<int64_t>(width, 1));
-  const int64_t wanted = std::max<int64_t>((rows + 63) / 64, std::min(min_rows, rows / 4));
+  const int64_t wanted = rows * width <= kMinBlockElements
+                             ? rows
+                             : std::max<int64_t>((rows + 63) / 64, std::min(min_rows, rows / 4));
   const int64_t block = std::max<int64_t>(
       1, std::min<int64_t>(wanted, kMaxBlockElements / std::max<int64_t>(width, 1)));
   at::Tensor tmp = at::empty({std::min(block, rows), isize}, dA.options());
@@ -324,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> stack_forward(
     if (l + 1 < num_layers) hidden_outputs.push_back(out);
     layer_input = std::move(out);
   }
-  return {layer_input, at::cat(h_n, 0), hidden_outputs};
+  return {layer_input, num_layers == 1 ? h_n[0] : at::cat(h_n, 0), hidden_outputs};
 }
 
 LayerGrads stack_backward(const LayerKernels& kernels, const at::Tensor& grad_output,

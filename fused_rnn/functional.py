@@ -33,6 +33,21 @@ def _layer(input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Option
     return _ops.rnn_layer(input, hx, weights, batch_sizes, relu, has_biases)
 
 
+# Without autograd the per-layer ops hold less than the stack op: each layer's output is freed once
+# the next layer has read it, where the stack op returns every layer's. The difference, layers
+# 0 .. L − 3 kept to the end (none for one or two layers), is allowed up to this many elements
+# (1 MiB in float32; a decoder's one-step calls stay far below it).
+_STACK_EXTRA_ELEMENTS = 1 << 18
+
+
+def _stack_memory_is_small(input: Tensor, hx: Tensor, num_layers: int) -> bool:
+    if num_layers <= 2:
+        return True
+    rows = input.numel() // max(input.size(-1), 1)
+    per_layer = rows * (hx.size(0) // num_layers) * hx.size(-1)
+    return (num_layers - 2) * per_layer <= _STACK_EXTRA_ELEMENTS
+
+
 def rnn(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]],
         batch_sizes: Optional[Tensor], relu: bool, has_biases: bool, num_layers: int,
         dropout: float, train: bool, bidirectional: bool) -> Tuple[Tensor, Tensor]:
@@ -52,10 +67,10 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]],
     """
     directions = 2 if bidirectional else 1
     dropout_active = dropout != 0 and train and num_layers > 1
-    if not dropout_active and _fused(input) and _needs_grad(input, hx, weights):
-        # One op for the whole stack: its backward passes the gradient between layers in place.
-        # Without autograd the per-layer ops below hold less (each layer's output is freed once
-        # the next layer has read it).
+    if not dropout_active and _fused(input) and (
+            _stack_memory_is_small(input, hx, num_layers) or _needs_grad(input, hx, weights)):
+        # One op for the whole stack: its backward passes the gradient between layers in place, and
+        # it is one call (a decoder's one-step calls are mostly per-call overhead).
         flat = [w for ws in weights for w in ws]
         return _ops.rnn_stack(input, hx, flat, batch_sizes, relu, has_biases, num_layers)
     layer_input = input

@@ -371,3 +371,26 @@ def test_convert_leaves_subclasses_alone():
     m = nn.Sequential(MyRNN(3, 4))
     fused_rnn.convert(m)
     assert type(m[0]) is MyRNN
+
+
+@pytest.mark.parametrize("layers, batch, grad, one_op", [
+    (1, 2, False, True), (2, 2, False, True), (3, 2, False, True),
+    (3, 33, False, False),  # inner outputs of 64 · 33 · 128 > 2^18 elements: per-layer ops
+    (3, 33, True, True),
+])
+def test_which_ops_run_a_stack(monkeypatch, layers, batch, grad, one_op):
+    """One stack op per call (one call's overhead, the backward passing the gradient between layers
+    in place), except without autograd on three or more layers whose inner outputs would be large:
+    there per-layer ops free each layer's output once read. Same results either way."""
+    from fused_rnn import _ops
+    calls = []
+    for name in ("rnn_stack", "rnn_layer"):
+        real = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    ref, fused = make_pair(8, 128, layers)
+    x = torch.randn(64, batch, 8, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        (o1, h1), (o2, h2) = ref(x), fused(x)
+    assert calls == (["rnn_stack"] if one_op else ["rnn_layer"] * layers)
+    assert_close(o2, o1, torch.float64)
+    assert_close(h2, h1, torch.float64)

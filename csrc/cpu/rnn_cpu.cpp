@@ -73,8 +73,9 @@ void recurrence_forward(scalar_t* out, int64_t ld, const scalar_t* h0, const sca
 }
 
 // One direction of BPTT: turns dA (holding dH, rows of stride ld) into the pre-activation gradient in
-// place and writes dh0 (B, H). dhn and dh0 are (B, H) contiguous; out holds h_t. Column blocks as
-// in the forward.
+// place and, unless dh0 is null, writes dh0 (B, H) (a step's GEMM: the whole cost of a one-step
+// backward's recurrence). dhn and dh0 are (B, H) contiguous; out holds h_t. Column blocks as in the
+// forward.
 template <typename scalar_t>
 void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const scalar_t* dhn,
                          const scalar_t* whh, const StepSchedule& s, int64_t H, bool reverse,
@@ -82,7 +83,7 @@ void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const sc
   const auto& bs = s.bs;
   const auto& off = s.offset;
   if (s.steps == 0) {
-    copy_rows(dh0, H, dhn, H, s.batch, H);
+    if (dh0 != nullptr) copy_rows(dh0, H, dhn, H, s.batch, H);
     return;
   }
   const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/false, s.batch, s.rows,
@@ -97,6 +98,7 @@ void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const sc
       w.multiply(p, cont, dA + off[t + 1] * ld, ld, 1, cur, ld);
       times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
     });
+    if (dh0 == nullptr) return;
     w.for_each_part([&](int64_t p) { w.multiply(p, bs[0], dA + off[0] * ld, ld, 0, dh0, H); });
   } else {
     w.for_each_step_part(s.steps, [&](int64_t t, int64_t p) {
@@ -110,6 +112,7 @@ void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const sc
       times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
     });
     // Rows [bs[t + 1], bs[t]) of step t started from h0 there (they are final once written).
+    if (dh0 == nullptr) return;
     w.for_each_part([&](int64_t p) {
       for (int64_t t = 0; t < s.steps; ++t) {
         const int64_t cont = bs[t + 1];
@@ -167,17 +170,17 @@ LayerGrads layer_backward_cpu(at::Tensor dA, const LayerShape& s, const at::Tens
   const at::Tensor out = output.reshape({N, ld}).contiguous();
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor dhn = grad_h_n.contiguous();
-  at::Tensor dh0 = at::empty_like(h0);
+  const bool need_input = output_mask[0], need_hx = output_mask[1], need_w = output_mask[2];
+  at::Tensor dh0 = need_hx ? at::empty_like(h0) : at::empty({0}, hx.options());
   const std::vector<at::Tensor> whh = contiguous_w_hh(weights, s);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu", [&] {
     for_each_direction(D, s.schedule.batch, H, [&](int64_t d, int64_t parts) {
       recurrence_backward<scalar_t>(dA.data_ptr<scalar_t>() + d * H, ld,
                                     out.data_ptr<scalar_t>() + d * H, dhn[d].data_ptr<scalar_t>(),
                                     whh[d].data_ptr<scalar_t>(), s.schedule, H, d == 1, relu,
-                                    dh0[d].data_ptr<scalar_t>(), parts);
+                                    need_hx ? dh0[d].data_ptr<scalar_t>() : nullptr, parts);
     });
   });
-  const bool need_input = output_mask[0], need_hx = output_mask[1], need_w = output_mask[2];
   std::vector<at::Tensor> grad_weights(need_w ? weights.size() : 0);
   const at::Tensor rows = input.reshape({N, s.input_size}).contiguous();
   if (need_w) {
@@ -191,7 +194,7 @@ LayerGrads layer_backward_cpu(at::Tensor dA, const LayerShape& s, const at::Tens
   // bidirectional layers: 19.3 MB against 18.0) for about 10 % on one of the six GEMMs.
   at::Tensor grad_rows = sequence_gradients(dA, rows, weights, s, need_input, need_w, grad_weights);
   at::Tensor grad_input = need_input ? grad_rows.view(input.sizes()) : at::empty({0}, input.options());
-  return {grad_input, need_hx ? dh0 : at::empty({0}, hx.options()), grad_weights};
+  return {grad_input, dh0, grad_weights};
 }
 
 constexpr LayerKernels kCpuKernels{&rnn_layer_forward_cpu, &layer_backward_cpu};
