@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace fused_rnn {
 namespace {
 
@@ -221,16 +223,16 @@ at::Tensor grad_input_in_place(at::Tensor& dA, at::TensorList weights, const Lay
   // each block is a GEMM, and thin or small ones run far below the GEMM rate (float32 on 2 cores:
   // T = 64, B = 32, H = 256, 64 blocks of 32 rows took 3.8 ms where one GEMM takes 1.35 ms; B = 64,
   // H = 64, 16 blocks of 256 rows 0.42 ms where one GEMM takes 0.18 ms). The scratch stays under
-  // kMaxBlockElements elements. A dA of at most kMinBlockElements is one block: a quarter of a few
-  // rows made GEMMs of 2 rows that each re-read W_ih (T 1, B 8, H 512: four 78 µs GEMMs where one
-  // takes about 100 µs), for a scratch of at most 256 KB.
+  // kMaxBlockElements elements. Never under kMinGemmRows rows (or all of them): each block re-reads
+  // W_ih, and a quarter of a few rows made GEMMs of 2 rows (T 1, B 8, H 512: four 78 µs GEMMs where
+  // one takes about 100 µs).
   constexpr int64_t kMinBlockRows = 256;
   constexpr int64_t kMinBlockElements = int64_t{1} << 16;
   constexpr int64_t kMaxBlockElements = int64_t{1} << 20;
+  constexpr int64_t kMinGemmRows = 16;
   const int64_t min_rows = std::max(kMinBlockRows, kMinBlockElements / std::max<int64_t>(width, 1));
-  const int64_t wanted = rows * width <= kMinBlockElements
-                             ? rows
-                             : std::max<int64_t>((rows + 63) / 64, std::min(min_rows, rows / 4));
+  const int64_t wanted = std::max<int64_t>(
+      {(rows + 63) / 64, std::min(min_rows, rows / 4), std::min(rows, kMinGemmRows)});
   const int64_t block = std::max<int64_t>(
       1, std::min<int64_t>(wanted, kMaxBlockElements / std::max<int64_t>(width, 1)));
   at::Tensor tmp = at::empty({std::min(block, rows), isize}, dA.options());

@@ -337,3 +337,21 @@ def test_readme_results_table_is_the_committed_report():
     for folder in cited:
         with open(os.path.join(ROOT, folder, "results.json")) as f:
             assert speedup_table(json.load(f)) in readme, folder
+
+
+@pytest.mark.parametrize("shape", [(64, 1, 64, 1, False), (64, 8, 64, 2, True),
+                                   (64, 1, 256, 1, True), (4, 8, 256, 2, True)],
+                         ids=lambda s: "T{}-B{}-H{}-L{}-{}".format(*s[:4], "bi" if s[4] else "uni"))
+def test_forward_backward_peak_memory_at_most_nn_rnns(shape):
+    """The benchmark's memory target on small shapes of its grid, in every CI run: the CPU peak (the
+    profiler's allocations replayed, deterministic) of forward+backward is at most nn.RNN's. Scratch
+    buffers that grow with a change show here first (a single dX block over dA raised B1 H64 by
+    256 bytes over nn.RNN)."""
+    from bench.common import Shape, forward_backward_fn, make_input, make_models, \
+        peak_memory_bytes
+    s = Shape(*shape)
+    ref, fused = make_models(s, "cpu", torch.float32)
+    x = make_input(s, "cpu", torch.float32)
+    mem_ref = peak_memory_bytes(forward_backward_fn(ref, x), "cpu")
+    mem_fused = peak_memory_bytes(forward_backward_fn(fused, x), "cpu")
+    assert 0 < mem_fused <= mem_ref
