@@ -18,7 +18,20 @@ _FUSED_CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def _fused(input: Tensor) -> bool:
-    return input.device.type != "cpu" or input.dtype in _FUSED_CPU_DTYPES
+    """Whether the fused ops run this call (else the differentiable reference does)."""
+    return (input.device.type != "cpu" or input.dtype in _FUSED_CPU_DTYPES) and \
+        not _under_transform()
+
+
+def _under_transform() -> bool:
+    """Inside a torch.func transform (grad, vmap, jvp, jacrev, ...) or a forward-mode AD level
+    (torch.autograd.forward_ad.dual_level). The fused ops have no batching rule and no forward
+    derivative: vmap and func.grad refused them, and func.jvp returned zero tangents without a
+    word. The reference path is ATen ops, which every transform understands, as nn.RNN's are."""
+    if torch.compiler.is_compiling():
+        return False
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def _needs_grad(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]]) -> bool:
@@ -27,8 +40,8 @@ def _needs_grad(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]]) 
 
 
 def _layer(input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor],
-           relu: bool, has_biases: bool) -> Tuple[Tensor, Tensor]:
-    if not _fused(input):
+           relu: bool, has_biases: bool, fused: bool) -> Tuple[Tensor, Tensor]:
+    if not fused:
         return _reference.rnn_layer_forward(input, hx, weights, batch_sizes, relu, has_biases)
     return _ops.rnn_layer(input, hx, weights, batch_sizes, relu, has_biases)
 
@@ -67,7 +80,8 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]],
     """
     directions = 2 if bidirectional else 1
     dropout_active = dropout != 0 and train and num_layers > 1
-    if not dropout_active and _fused(input) and (
+    fused = _fused(input)
+    if not dropout_active and fused and (
             _stack_memory_is_small(input, hx, num_layers) or _needs_grad(input, hx, weights)):
         # One op for the whole stack: its backward passes the gradient between layers in place, and
         # it is one call (a decoder's one-step calls are mostly per-call overhead).
@@ -78,7 +92,8 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]],
     for layer in range(num_layers):
         layer_weights = [w for d in range(directions) for w in weights[layer * directions + d]]
         hx_layer = hx[layer * directions:(layer + 1) * directions]
-        output, hn = _layer(layer_input, hx_layer, layer_weights, batch_sizes, relu, has_biases)
+        output, hn = _layer(layer_input, hx_layer, layer_weights, batch_sizes, relu, has_biases,
+                            fused)
         h_n.append(hn)
         if dropout != 0 and train and layer < num_layers - 1:
             # Where and how nn.RNN applies it (at::dropout on the layer's output), so the same seed

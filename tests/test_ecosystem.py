@@ -1,4 +1,5 @@
-"""torch.compile, torch.export, autocast and DistributedDataParallel with fused_rnn.RNN."""
+"""torch.compile, torch.export, autocast, torch.func, forward-mode AD and DistributedDataParallel with
+fused_rnn.RNN."""
 
 from __future__ import annotations
 
@@ -148,3 +149,52 @@ def test_ddp_two_processes_match_single_process_nn_rnn(tmp_path):
     assert set(got) == set(want)
     for n in want:
         torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _func_cases(ref, fused):
+    """(name, f(module) -> tensor(s)) for each transform, on the same inputs for both modules."""
+    torch.manual_seed(1)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    xs = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+
+    def params(m):
+        return {n: p.detach() for n, p in m.named_parameters()}
+
+    def loss(m):
+        return lambda p, x: torch.func.functional_call(m, p, (x,))[0].tanh().sum()
+
+    def dual(m):
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            out, hn = m(fwAD.make_dual(x, tangent))
+            return fwAD.unpack_dual(out).tangent, fwAD.unpack_dual(hn).tangent
+
+    return [
+        ("grad", lambda m: torch.func.grad(loss(m))(params(m), x)),
+        # nn.RNN itself has no batching rule (aten::rnn_tanh): its side is a loop over the samples.
+        ("vmap", lambda m: torch.vmap(lambda x: m(x)[0])(xs) if m is fused
+         else torch.stack([m(x)[0] for x in xs])),
+        ("jvp", lambda m: torch.func.jvp(lambda x: m(x), (x,), (tangent,))[1]),
+        ("jacrev", lambda m: torch.func.jacrev(lambda x: m(x)[1])(x[:, :1])),
+        ("forward_ad", dual),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=["grad", "vmap", "jvp", "jacrev", "forward_ad"])
+def test_torch_func_transforms_and_forward_ad_match_nn_rnn(case):
+    """Under torch.func transforms and forward-mode AD the module runs the reference ops (the fused
+    ops have no batching rule or forward derivative): nn.RNN's results, where func.jvp once gave
+    zero tangents silently (and vmap, which nn.RNN refuses, works). Outside them the fused op runs
+    again."""
+    ref, fused = make_pair(4, 6, 2, bidirectional=True)
+    name, f = _func_cases(ref, fused)[case]
+    expected, got = f(ref), f(fused)
+    flat_e, flat_g = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
+    assert len(flat_e) == len(flat_g) > 0
+    for a, b in zip(flat_g, flat_e):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with torch.profiler.profile() as prof:
+        fused(torch.randn(5, 3, 4, dtype=torch.float64))
+    assert any(e.name == "fused_rnn::rnn_forward" for e in prof.events())
