@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -103,6 +104,16 @@ std::optional<at::Tensor> saved_batch_sizes(AutogradContext* ctx) {
   return ctx->saved_data["batch_sizes"].toOptional<at::Tensor>();
 }
 
+// Inside a backward: the backward ops are called below autograd unless the backward is itself being
+// recorded (create_graph), since their own autograd is the Python one and a plain backward has no
+// use for the trip through it.
+struct BelowAutogradUnlessRecording {
+  BelowAutogradUnlessRecording() {
+    if (!at::GradMode::is_enabled()) guard.emplace();
+  }
+  std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
+};
+
 at::Tensor or_zeros_like(const at::Tensor& grad, const at::Tensor& like) {
   return grad.defined() ? grad : at::zeros_like(like);
 }
@@ -143,6 +154,7 @@ struct LayerForward : public torch::autograd::Function<LayerForward> {
     const at::Tensor &input = saved[0], &hx = saved[1], &output = saved[2];
     const at::TensorList weights = at::TensorList(saved).slice(3);
     const auto mask = saved_mask(ctx);
+    BelowAutogradUnlessRecording below;
     Grads result = layer_backward_op().call(
         or_zeros_like(grads[0], output), or_zeros_like(grads[1], hx), input, hx, weights, output,
         saved_batch_sizes(ctx), ctx->saved_data["relu"].toBool(),
@@ -173,7 +185,9 @@ Grads stack_backward_by_layer(const at::Tensor& grad_output, const at::Tensor& g
         {l > 0 || mask[0], mask[1], mask[2]});
     grad = std::move(grad_in);
     grad_hx[l] = std::move(grad_hx_l);
-    for (size_t i = 0; i < grad_w.size(); ++i) grad_weights[l * per_layer + i] = grad_w[i];
+    for (size_t i = 0; mask[2] && i < grad_w.size(); ++i) {
+      grad_weights[l * per_layer + i] = grad_w[i];
+    }
   }
   return {mask[0] ? grad : at::Tensor(), mask[1] ? at::cat(grad_hx, 0) : at::Tensor(),
           grad_weights};
@@ -218,6 +232,7 @@ struct StackForward : public torch::autograd::Function<StackForward> {
     const variable_list grad_hidden(grads.begin() + 2, grads.end());
     bool hidden_grads = false;
     for (const auto& g : grad_hidden) hidden_grads = hidden_grads || g.defined();
+    BelowAutogradUnlessRecording below;
     Grads result =
         hidden_grads
             ? stack_backward_by_layer(grad_output, grad_h_n, input, hx, weights, hidden_outputs,
