@@ -244,9 +244,26 @@ struct StackForward : public torch::autograd::Function<StackForward> {
   }
 };
 
+// The ops have no forward-mode derivative. Dual tensors that do not require grad would otherwise
+// lose their tangents without a word; fused_rnn.RNN and fused_rnn.rnn never send them (they run the
+// reference ops under forward AD and torch.func transforms).
+void refuse_dual_tensors(const char* op, const at::Tensor& input, const at::Tensor& hx,
+                         at::TensorList weights) {
+  const auto dual = [](const at::Tensor& t) {
+    return t.defined() && t._fw_grad(/*level=*/0).defined();
+  };
+  bool any = dual(input) || dual(hx);
+  for (const auto& w : weights) any = any || dual(w);
+  TORCH_CHECK(!any, op,
+              ": forward-mode AD is not supported by the fused op (no forward derivative); "
+              "fused_rnn.RNN and fused_rnn.rnn run their reference ops under "
+              "torch.autograd.forward_ad and torch.func transforms");
+}
+
 std::tuple<at::Tensor, at::Tensor> layer_forward_autograd(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
     const std::optional<at::Tensor>& batch_sizes, bool relu, bool has_biases) {
+  refuse_dual_tensors("fused_rnn::rnn_layer_forward", input, hx, weights);
   if (!needs_grad(input, hx, weights)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return layer_forward_op().call(input, hx, weights, batch_sizes, relu, has_biases);
@@ -258,6 +275,7 @@ std::tuple<at::Tensor, at::Tensor> layer_forward_autograd(
 Grads stack_forward_autograd(const at::Tensor& input, const at::Tensor& hx,
                              at::TensorList weights, const std::optional<at::Tensor>& batch_sizes,
                              bool relu, bool has_biases, int64_t num_layers) {
+  refuse_dual_tensors("fused_rnn::rnn_forward", input, hx, weights);
   if (!needs_grad(input, hx, weights)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return stack_forward_op().call(input, hx, weights, batch_sizes, relu, has_biases, num_layers);

@@ -247,6 +247,31 @@ def test_native_stack_op_rejects_bad_arguments(needle, mutate):
 
 
 @native
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("which", ["input", "hx", "weight"])
+def test_native_ops_refuse_dual_tensors(which, requires_grad):
+    """The ops have no forward derivative: a dual tensor is refused with a message, where one not
+    requiring grad used to lose its tangent without a word (the module itself runs the reference
+    ops under forward AD)."""
+    import torch.autograd.forward_ad as fwAD
+    layer_args = sample_inputs(requires_grad=False)[0]
+    stack_args = next(a for a in stack_inputs() if a[6] == 2)
+    for op, args in ((torch.ops.fused_rnn.rnn_layer_forward, layer_args),
+                     (torch.ops.fused_rnn.rnn_forward, stack_args)):
+        x, hx, ws, *rest = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        ws = [w.detach().requires_grad_(requires_grad) for w in ws]
+        with fwAD.dual_level():
+            if which == "input":
+                x = fwAD.make_dual(x, torch.ones_like(x))
+            elif which == "hx":
+                hx = fwAD.make_dual(hx, torch.ones_like(hx))
+            else:
+                ws[1] = fwAD.make_dual(ws[1], torch.ones_like(ws[1]))
+            with pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+                op(x, hx, ws, *rest)
+
+
+@native
 def test_native_stack_backward_rejects_bad_arguments():
     args = next(a for a in stack_inputs() if a[6] == 3)
     out, hn, hidden = torch.ops.fused_rnn.rnn_forward(*args)
