@@ -406,6 +406,9 @@ def _disassembly(library, symbol):
 @native
 @pytest.mark.skipif(shutil.which("nm") is None or shutil.which("objdump") is None,
                     reason="no binutils (nm, objdump) here")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="make sanitize's build is -O1 with sanitizers: vectorising is the -O3 "
+                           "build's property")
 def test_multiversioned_loops_are_vectorised():
     """The pointwise loops are compiled for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and baseline
     x86-64 and picked at load time; each AVX-512 clone must use zmm registers and each AVX2 clone
