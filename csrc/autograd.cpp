@@ -7,8 +7,8 @@
 // own autograd (second order, rare) stays in Python (fused_rnn/_ops.py), and so does everything
 // when this extension is missing.
 //
-// Each backward calls the backward op through the dispatcher, so that under create_graph its own
-// autograd records it (double backward).
+// Each backward calls the backward op below autograd, except under create_graph, when the backward
+// op's own autograd must record it (double backward).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
