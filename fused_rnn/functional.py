@@ -23,6 +23,11 @@ def _fused(input: Tensor) -> bool:
         not _under_transform()
 
 
+# Private torch APIs (present from torch 2.0 to at least 2.14), looked up once; should a later torch
+# drop one, the transforms would reach the fused ops again and tests/test_ecosystem.py fails.
+_peek_functorch = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
 def _under_transform() -> bool:
     """Inside a torch.func transform (grad, vmap, jvp, jacrev, ...) or a forward-mode AD level
     (torch.autograd.forward_ad.dual_level). The fused ops have no batching rule and no forward
@@ -30,8 +35,8 @@ def _under_transform() -> bool:
     word. The reference path is ATen ops, which every transform understands, as nn.RNN's are."""
     if torch.compiler.is_compiling():
         return False
-    return (torch._C._functorch.peek_interpreter_stack() is not None
-            or torch.autograd.forward_ad._current_level >= 0)
+    return (_peek_functorch() is not None
+            or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0)
 
 
 def _needs_grad(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]]) -> bool:
