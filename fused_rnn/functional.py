@@ -19,8 +19,7 @@ _FUSED_CPU_DTYPES = (torch.float32, torch.float64)
 
 def _fused(input: Tensor) -> bool:
     """Whether the fused ops run this call (else the differentiable reference does)."""
-    return (input.device.type != "cpu" or input.dtype in _FUSED_CPU_DTYPES) and \
-        not _under_transform()
+    return (not input.is_cpu or input.dtype in _FUSED_CPU_DTYPES) and not _under_transform()
 
 
 # Private torch APIs (present from torch 2.0 to at least 2.14), looked up once; should a later torch
@@ -39,9 +38,9 @@ def _under_transform() -> bool:
             or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0)
 
 
-def _needs_grad(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]]) -> bool:
+def _needs_grad(input: Tensor, hx: Tensor, weights: Sequence[Tensor]) -> bool:
     return torch.is_grad_enabled() and (
-        input.requires_grad or hx.requires_grad or any(w.requires_grad for ws in weights for w in ws))
+        input.requires_grad or hx.requires_grad or any(w.requires_grad for w in weights))
 
 
 def _layer(input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor],
@@ -83,20 +82,29 @@ def rnn(input: Tensor, hx: Tensor, weights: Sequence[Sequence[Tensor]],
     Returns:
         (output, h_n): output (T, B, D·H) or (N, D·H); h_n like hx.
     """
-    directions = 2 if bidirectional else 1
+    return _rnn_flat(input, hx, [w for ws in weights for w in ws], batch_sizes, relu, has_biases,
+                    num_layers, dropout, train, bidirectional)
+
+
+def _rnn_flat(input: Tensor, hx: Tensor, weights: List[Tensor], batch_sizes: Optional[Tensor],
+              relu: bool, has_biases: bool, num_layers: int, dropout: float, train: bool,
+              bidirectional: bool) -> Tuple[Tensor, Tensor]:
+    """rnn() with the weights as one flat list, layer by layer and direction by direction (nn.RNN's
+    ``_flat_weights``): what the module holds and the stack op takes, so a call builds no lists."""
     dropout_active = dropout != 0 and train and num_layers > 1
     fused = _fused(input)
     if not dropout_active and fused and (
             _stack_memory_is_small(input, hx, num_layers) or _needs_grad(input, hx, weights)):
         # One op for the whole stack: its backward passes the gradient between layers in place, and
         # it is one call (a decoder's one-step calls are mostly per-call overhead).
-        flat = [w for ws in weights for w in ws]
-        return _ops.rnn_stack(input, hx, flat, batch_sizes, relu, has_biases, num_layers)
+        return _ops.rnn_stack(input, hx, weights, batch_sizes, relu, has_biases, num_layers)
+    directions = 2 if bidirectional else 1
+    per_layer = directions * (4 if has_biases else 2)
     layer_input = input
     h_n = []
     for layer in range(num_layers):
-        layer_weights = [w for d in range(directions) for w in weights[layer * directions + d]]
         hx_layer = hx[layer * directions:(layer + 1) * directions]
+        layer_weights = weights[layer * per_layer:(layer + 1) * per_layer]
         output, hn = _layer(layer_input, hx_layer, layer_weights, batch_sizes, relu, has_biases,
                             fused)
         h_n.append(hn)

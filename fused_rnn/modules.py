@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Optional, Tuple, Union, overload
 
 import torch
@@ -22,10 +21,7 @@ def _autocast_inputs(dtype: torch.dtype, data: Tensor, hx: Tensor, weights: list
     def cast(t: Tensor) -> Tensor:
         return t.to(dtype) if t.dtype == torch.float32 else t
 
-    return cast(data), cast(hx), [[cast(w) for w in ws] for ws in weights]
-
-
-_no_context = contextlib.nullcontext
+    return cast(data), cast(hx), [cast(w) for w in weights]
 
 
 class RNN(nn.RNNBase):
@@ -75,17 +71,15 @@ class RNN(nn.RNNBase):
         super().__init__(mode, *args, **kwargs)
 
     def _current_weights(self) -> list:
-        """The weights per layer and direction, read now from the module's attributes."""
+        """The weights as one flat list (layer by layer, direction by direction), read now from the
+        module's attributes."""
         if torch.compiler.is_compiling():
-            flat = [getattr(self, name) for name in self._flat_weights_names]
-        else:
-            # nn.RNN's own refresh, so that weights computed on access (parametrizations such as
-            # spectral_norm, whose power iteration runs on every access in training) are read
-            # exactly as often, and give exactly the values, that nn.RNN would use.
-            self._update_flat_weights()
-            flat = self._flat_weights
-        per = len(self._all_weights[0])
-        return [flat[i:i + per] for i in range(0, len(flat), per)]
+            return [getattr(self, name) for name in self._flat_weights_names]
+        # nn.RNN's own refresh, so that weights computed on access (parametrizations such as
+        # spectral_norm, whose power iteration runs on every access in training) are read exactly
+        # as often, and give exactly the values, that nn.RNN would use.
+        self._update_flat_weights()
+        return self._flat_weights
 
     def _check_forward_args(self, input: Tensor, hx: Tensor, weight_dtype: torch.dtype,
                             batch_sizes: Optional[Tensor]) -> None:
@@ -139,7 +133,7 @@ class RNN(nn.RNNBase):
         """Runs the RNN: ``(output, h_n)`` exactly as :meth:`torch.nn.RNN.forward`."""
         num_directions = 2 if self.bidirectional else 1
         weights = self._current_weights()
-        weight_dtype = weights[0][0].dtype
+        weight_dtype = weights[0].dtype
         is_packed = isinstance(input, PackedSequence)
         is_batched = True
         batch_dim = 0 if self.batch_first else 1
@@ -174,24 +168,27 @@ class RNN(nn.RNNBase):
             hx = hx.index_select(1, sorted_indices)
         self._check_forward_args(data, hx, weight_dtype, batch_sizes)
 
-        device_type = data.device.type
-        autocast = torch.is_autocast_enabled(device_type)
+        autocast = torch._C._is_any_autocast_enabled() and \
+            torch.is_autocast_enabled(data.device.type)
+        if not is_packed and self.batch_first:
+            data = data.transpose(0, 1)
+        args = (batch_sizes, self.mode == "RNN_RELU", self.bias, self.num_layers, self.dropout,
+                self.training, self.bidirectional)
         if autocast:
             # nn.RNN's autocast policy (rnn_tanh/rnn_relu are lower-precision ops): float32
             # input, hidden state and weights run in the autocast dtype; others stay as they are.
+            device_type = data.device.type
             data, hx, weights = _autocast_inputs(torch.get_autocast_dtype(device_type), data, hx,
                                                  weights)
-            if hx.dtype != weights[0][0].dtype:
+            if hx.dtype != weights[0].dtype:
                 raise RuntimeError(
                     "mat1 and mat2 must have the same dtype, but got "
-                    f"{_dtype_name(hx.dtype)} and {_dtype_name(weights[0][0].dtype)}"
+                    f"{_dtype_name(hx.dtype)} and {_dtype_name(weights[0].dtype)}"
                 )
-        if not is_packed and self.batch_first:
-            data = data.transpose(0, 1)
-        with torch.autocast(device_type, enabled=False) if autocast else _no_context():
-            output, h_n = functional.rnn(
-                data, hx, weights, batch_sizes, self.mode == "RNN_RELU", self.bias,
-                self.num_layers, self.dropout, self.training, self.bidirectional)
+            with torch.autocast(device_type, enabled=False):
+                output, h_n = functional._rnn_flat(data, hx, weights, *args)
+        else:
+            output, h_n = functional._rnn_flat(data, hx, weights, *args)
         if unsorted_indices is not None:
             h_n = h_n.index_select(1, unsorted_indices)
         if is_packed:
