@@ -20,6 +20,17 @@ from conftest import ROOT, assert_close, make_input, make_pair, run_and_grad
 native = pytest.mark.skipif(_ops._C is None, reason="native extension not built")
 
 
+def layer_weights(directions, input_size, hidden, has_biases, g, dtype):
+    """Random weights of one layer in the ops' order, scaled to a well-conditioned recurrence."""
+    ws = []
+    for _ in range(directions):
+        ws += [torch.randn(hidden, input_size, generator=g, dtype=dtype) * 0.4,
+               torch.randn(hidden, hidden, generator=g, dtype=dtype) * 0.4]
+        if has_biases:
+            ws += [torch.randn(hidden, generator=g, dtype=dtype) * 0.1 for _ in range(2)]
+    return ws
+
+
 def sample_inputs(dtype=torch.float64, requires_grad=True, hidden=6, lengths=(5, 3, 2)):
     """(args) tuples for rnn_layer_forward: padded and packed, 1 and 2 directions, with and without
     biases, tanh and relu. Padded input has len(lengths) sequences of max(lengths) steps."""
@@ -37,12 +48,7 @@ def sample_inputs(dtype=torch.float64, requires_grad=True, hidden=6, lengths=(5,
                     else:
                         x, bs = torch.randn(T, B, I, generator=g, dtype=dtype), None
                     hx = torch.randn(D, B, H, generator=g, dtype=dtype)
-                    ws = []
-                    for _ in range(D):
-                        ws += [torch.randn(H, I, generator=g, dtype=dtype) * 0.4,
-                               torch.randn(H, H, generator=g, dtype=dtype) * 0.4]
-                        if has_biases:
-                            ws += [torch.randn(H, generator=g, dtype=dtype) * 0.1 for _ in range(2)]
+                    ws = layer_weights(D, I, H, has_biases, g, dtype)
                     if requires_grad:
                         for t in [x, hx, *ws]:
                             t.requires_grad_()
@@ -653,6 +659,42 @@ def test_short_sequences_do_not_pack():
     res = _run_python(code)
     assert res.returncode == 0, res.stderr
     assert "short ok" in res.stdout
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("directions", [1, 2])
+def test_short_sequence_projection_equals_the_reference(dtype, directions, monkeypatch):
+    """Under 64 rows the input projection is one direct BLAS call per direction (bias rows written
+    first) rather than ATen's addmm: every layout it takes or refuses, against float64."""
+    monkeypatch.setenv("FUSED_RNN_CPU_MIN_PACK_ROWS", "64")  # conftest's 1 would skip that path
+    g = torch.Generator().manual_seed(11)
+    layouts = {
+        "row-major": lambda w: w,
+        "column-major": lambda w: w.t().contiguous().t() if w.dim() == 2 else w,
+        "strided": lambda w: torch.stack([w, torch.zeros_like(w)], -1)[..., 0],
+    }
+    shapes = [(1, 1, 5, 6), (5, 3, 4, 6), (1, 1, 1, 1), (2, 3, 1, 5), (3, 2, 7, 1), (9, 7, 3, 4)]
+    for T, B, I, H in shapes:
+        for has_biases in (True, False):
+            for name, layout in layouts.items():
+                x = torch.randn(T, B, I, generator=g, dtype=dtype)
+                hx = torch.randn(directions, B, H, generator=g, dtype=dtype)
+                ws = layer_weights(directions, I, H, has_biases, g, dtype)
+                args = (x, hx, [layout(w) for w in ws], None, False, has_biases)
+                # The forward (out, h_n) is the projection plus a few steps: a few float32
+                # roundings; the gradients sum over the rows (the tolerance of
+                # _assert_layer_ops_match_float64).
+                pairs = _layer_ops_and_float64(args, dtype)
+                for i, (a, b) in enumerate(pairs):
+                    tol = (1e-12 if i < 2 else 1e-11) if dtype == torch.float64 else \
+                        (2e-6 if i < 2 else 2e-5)
+                    torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol,
+                                               msg=lambda m: f"{(T, B, I, H)} {name} {i}: {m}")
+    # Packed rows (an end of the sequence where the batch shrinks) take the same GEMM.
+    for args in sample_inputs(dtype, requires_grad=False):
+        if args[1].size(0) == directions:
+            _assert_layer_ops_match_float64(args, dtype)
 
 
 @native

@@ -4,6 +4,7 @@
 #include "panel_gemm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/ParallelGuard.h>
 
@@ -320,9 +321,52 @@ void SplitRhs<scalar_t>::run_steps(int64_t parts, int64_t steps,
 template class SplitRhs<float>;
 template class SplitRhs<double>;
 
+namespace {
+
+// out = bias + a · b through gemm_rowmajor, for a short sequence's projection: one BLAS call where
+// ATen's addmm costs a dispatch, argument checks and a TensorIterator for the bias (at T 1, B 1,
+// H 64 that was most of the GEMM's time). Needs a and b contiguous (b possibly as a transpose), out
+// with unit column stride, and one floating dtype; returns false, doing nothing, otherwise.
+bool small_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& bias) {
+  const auto dtype = out.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kDouble) || a.scalar_type() != dtype ||
+      b.scalar_type() != dtype || (bias.defined() && bias.scalar_type() != dtype)) {
+    return false;
+  }
+  const int64_t m = a.size(0), k = b.size(0), n = b.size(1);
+  // Whether a rows × cols matrix with these strides is row-major and dense (strides of dimensions
+  // of size 1 are free).
+  const auto dense_rows = [](int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+    return (cols <= 1 || col_stride == 1) && (rows <= 1 || row_stride == cols);
+  };
+  const bool transpose = !dense_rows(k, n, b.stride(0), b.stride(1));
+  if (!a.is_contiguous() || (transpose && !dense_rows(n, k, b.stride(1), b.stride(0))) ||
+      (out.stride(1) != 1 && n > 1)) {
+    return false;
+  }
+  // Leading dimensions from the sizes where a stride is free (a dimension of size 1).
+  const int64_t lda = std::max<int64_t>(k, 1), ldb = std::max<int64_t>(transpose ? k : n, 1);
+  const int64_t ldc = m > 1 ? out.stride(0) : std::max<int64_t>(n, 1);
+  const at::Tensor bias_c = bias.defined() ? bias.contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fused_rnn_small_gemm", [&] {
+    scalar_t* c = out.data_ptr<scalar_t>();
+    if (bias_c.defined()) {
+      const scalar_t* bp = bias_c.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < m; ++i) std::memcpy(c + i * ldc, bp, n * sizeof(scalar_t));
+    }
+    gemm_rowmajor<scalar_t>(m, n, k, a.data_ptr<scalar_t>(), lda, b.data_ptr<scalar_t>(), ldb,
+                            transpose, bias_c.defined() ? scalar_t(1) : scalar_t(0), c, ldc);
+  });
+  return true;
+}
+
+}  // namespace
+
 void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                    const at::Tensor& bias) {
   const int64_t m = a.size(0), k = b.size(0), n = b.size(1);
+  if (m < min_packing_rows() && small_gemm(out, a, b, bias)) return;
   // b is [k × n] row-major (unit column stride) or the transpose of a row-major [n × k].
   const bool fits = panels_pay(m) && out.scalar_type() == at::kFloat &&
                     a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&

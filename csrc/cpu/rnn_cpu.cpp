@@ -149,11 +149,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cpu(
   const at::Tensor h0 = hx.contiguous();
   at::Tensor hn = at::empty_like(h0);
   const std::vector<at::Tensor> whh = contiguous_w_hh(weights, s);
+  const int64_t state = s.schedule.batch * H;  // elements of one direction's h0 and hn
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_forward_cpu", [&] {
     for_each_direction(D, s.schedule.batch, H, [&](int64_t d, int64_t parts) {
       recurrence_forward<scalar_t>(out.data_ptr<scalar_t>() + d * H, ld,
-                                   h0[d].data_ptr<scalar_t>(), whh[d].data_ptr<scalar_t>(),
-                                   s.schedule, H, d == 1, relu, hn[d].data_ptr<scalar_t>(), parts);
+                                   h0.data_ptr<scalar_t>() + d * state, whh[d].data_ptr<scalar_t>(),
+                                   s.schedule, H, d == 1, relu, hn.data_ptr<scalar_t>() + d * state,
+                                   parts);
     });
   });
   std::vector<int64_t> out_sizes = input.sizes().vec();
@@ -173,12 +175,15 @@ LayerGrads layer_backward_cpu(at::Tensor dA, const LayerShape& s, const at::Tens
   const bool need_input = output_mask[0], need_hx = output_mask[1], need_w = output_mask[2];
   at::Tensor dh0 = need_hx ? at::empty_like(h0) : at::empty({0}, hx.options());
   const std::vector<at::Tensor> whh = contiguous_w_hh(weights, s);
+  const int64_t state = s.schedule.batch * H;  // elements of one direction's dhn and dh0
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu", [&] {
     for_each_direction(D, s.schedule.batch, H, [&](int64_t d, int64_t parts) {
       recurrence_backward<scalar_t>(dA.data_ptr<scalar_t>() + d * H, ld,
-                                    out.data_ptr<scalar_t>() + d * H, dhn[d].data_ptr<scalar_t>(),
+                                    out.data_ptr<scalar_t>() + d * H,
+                                    dhn.data_ptr<scalar_t>() + d * state,
                                     whh[d].data_ptr<scalar_t>(), s.schedule, H, d == 1, relu,
-                                    need_hx ? dh0[d].data_ptr<scalar_t>() : nullptr, parts);
+                                    need_hx ? dh0.data_ptr<scalar_t>() + d * state : nullptr,
+                                    parts);
     });
   });
   std::vector<at::Tensor> grad_weights(need_w ? weights.size() : 0);
