@@ -168,8 +168,8 @@ class RNN(nn.RNNBase):
             hx = hx.index_select(1, sorted_indices)
         self._check_forward_args(data, hx, weight_dtype, batch_sizes)
 
-        autocast = torch._C._is_any_autocast_enabled() and \
-            torch.is_autocast_enabled(data.device.type)
+        device_type = data.device.type
+        autocast = torch.is_autocast_enabled(device_type)
         if not is_packed and self.batch_first:
             data = data.transpose(0, 1)
         args = (batch_sizes, self.mode == "RNN_RELU", self.bias, self.num_layers, self.dropout,
@@ -177,7 +177,6 @@ class RNN(nn.RNNBase):
         if autocast:
             # nn.RNN's autocast policy (rnn_tanh/rnn_relu are lower-precision ops): float32
             # input, hidden state and weights run in the autocast dtype; others stay as they are.
-            device_type = data.device.type
             data, hx, weights = _autocast_inputs(torch.get_autocast_dtype(device_type), data, hx,
                                                  weights)
             if hx.dtype != weights[0].dtype:

@@ -666,15 +666,26 @@ def test_short_sequences_do_not_pack():
 @pytest.mark.parametrize("directions", [1, 2])
 def test_short_sequence_projection_equals_the_reference(dtype, directions, monkeypatch):
     """Under 64 rows the input projection is one direct BLAS call per direction (bias rows written
-    first) rather than ATen's addmm: every layout it takes or refuses, against float64."""
+    first) rather than ATen's addmm: every layout it takes (no ATen GEMM then runs in the forward,
+    whose steps are direct BLAS calls too) or refuses, against float64."""
+    from torch.profiler import ProfilerActivity, profile
+
     monkeypatch.setenv("FUSED_RNN_CPU_MIN_PACK_ROWS", "64")  # conftest's 1 would skip that path
+    blas = _ops._C.cpu_gemm_path() == "blas"
+
+    def aten_gemms(args):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            torch.ops.fused_rnn.rnn_layer_forward(*args)
+        return [e.key for e in prof.key_averages() if e.key in ("aten::addmm", "aten::mm")]
+
     g = torch.Generator().manual_seed(11)
     layouts = {
         "row-major": lambda w: w,
         "column-major": lambda w: w.t().contiguous().t() if w.dim() == 2 else w,
         "strided": lambda w: torch.stack([w, torch.zeros_like(w)], -1)[..., 0],
     }
-    shapes = [(1, 1, 5, 6), (5, 3, 4, 6), (1, 1, 1, 1), (2, 3, 1, 5), (3, 2, 7, 1), (9, 7, 3, 4)]
+    shapes = [(1, 1, 5, 6), (5, 3, 4, 6), (1, 1, 1, 1), (2, 3, 1, 5), (3, 2, 7, 1), (9, 7, 3, 4),
+              (2, 0, 3, 4)]
     for T, B, I, H in shapes:
         for has_biases in (True, False):
             for name, layout in layouts.items():
@@ -682,6 +693,10 @@ def test_short_sequence_projection_equals_the_reference(dtype, directions, monke
                 hx = torch.randn(directions, B, H, generator=g, dtype=dtype)
                 ws = layer_weights(directions, I, H, has_biases, g, dtype)
                 args = (x, hx, [layout(w) for w in ws], None, False, has_biases)
+                if blas and B > 0:
+                    # Strided weights go to ATen, unless all their dimensions are 1.
+                    refused = name == "strided" and (I > 1 or H > 1)
+                    assert bool(aten_gemms(args)) == refused, (T, B, I, H, name)
                 # The forward (out, h_n) is the projection plus a few steps: a few float32
                 # roundings; the gradients sum over the rows (the tolerance of
                 # _assert_layer_ops_match_float64).
@@ -691,7 +706,7 @@ def test_short_sequence_projection_equals_the_reference(dtype, directions, monke
                         (2e-6 if i < 2 else 2e-5)
                     torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol,
                                                msg=lambda m: f"{(T, B, I, H)} {name} {i}: {m}")
-    # Packed rows (an end of the sequence where the batch shrinks) take the same GEMM.
+    # Packed input: the projection of its 10 rows, and steps whose batch shrinks.
     for args in sample_inputs(dtype, requires_grad=False):
         if args[1].size(0) == directions:
             _assert_layer_ops_match_float64(args, dtype)

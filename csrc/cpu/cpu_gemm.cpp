@@ -325,13 +325,17 @@ namespace {
 
 // out = bias + a · b through gemm_rowmajor, for a short sequence's projection: one BLAS call where
 // ATen's addmm costs a dispatch, argument checks and a TensorIterator for the bias (at T 1, B 1,
-// H 64 that was most of the GEMM's time). Needs a and b contiguous (b possibly as a transpose), out
-// with unit column stride, and one floating dtype; returns false, doing nothing, otherwise.
+// H 64 that was most of the GEMM's time). Needs a Fortran BLAS (else ATen's mm is as direct), a and
+// b contiguous (b possibly as a transpose), out with unit column stride, and one floating dtype;
+// returns false, doing nothing, otherwise.
 bool small_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                 const at::Tensor& bias) {
   const auto dtype = out.scalar_type();
-  if ((dtype != at::kFloat && dtype != at::kDouble) || a.scalar_type() != dtype ||
-      b.scalar_type() != dtype || (bias.defined() && bias.scalar_type() != dtype)) {
+  const bool blas = dtype == at::kFloat    ? blas_available<float>()
+                    : dtype == at::kDouble ? blas_available<double>()
+                                           : false;
+  if (!blas || a.scalar_type() != dtype || b.scalar_type() != dtype ||
+      (bias.defined() && bias.scalar_type() != dtype)) {
     return false;
   }
   const int64_t m = a.size(0), k = b.size(0), n = b.size(1);
@@ -351,7 +355,7 @@ bool small_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   const at::Tensor bias_c = bias.defined() ? bias.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "fused_rnn_small_gemm", [&] {
     scalar_t* c = out.data_ptr<scalar_t>();
-    if (bias_c.defined()) {
+    if (bias_c.defined() && n > 0) {
       const scalar_t* bp = bias_c.data_ptr<scalar_t>();
       for (int64_t i = 0; i < m; ++i) std::memcpy(c + i * ldc, bp, n * sizeof(scalar_t));
     }

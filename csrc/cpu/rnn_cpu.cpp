@@ -171,7 +171,9 @@ LayerGrads layer_backward_cpu(at::Tensor dA, const LayerShape& s, const at::Tens
   const int64_t H = s.hidden, D = s.directions, ld = D * H, N = s.schedule.rows;
   const at::Tensor out = output.reshape({N, ld}).contiguous();
   const at::Tensor h0 = hx.contiguous();
-  const at::Tensor dhn = grad_h_n.contiguous();
+  // Only the recurrence reads it; released after it (a copy where grad_h_n is an expanded one,
+  // as sum()'s backward makes, alive while the weight gradients are allocated).
+  at::Tensor dhn = grad_h_n.contiguous();
   const bool need_input = output_mask[0], need_hx = output_mask[1], need_w = output_mask[2];
   at::Tensor dh0 = need_hx ? at::empty_like(h0) : at::empty({0}, hx.options());
   const std::vector<at::Tensor> whh = contiguous_w_hh(weights, s);
@@ -186,6 +188,7 @@ LayerGrads layer_backward_cpu(at::Tensor dA, const LayerShape& s, const at::Tens
                                     parts);
     });
   });
+  dhn = at::Tensor();
   std::vector<at::Tensor> grad_weights(need_w ? weights.size() : 0);
   const at::Tensor rows = input.reshape({N, s.input_size}).contiguous();
   if (need_w) {
