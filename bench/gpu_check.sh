@@ -19,6 +19,8 @@
 #   paths       each CUDA path forced in turn against cuDNN on a B × H grid (bench/paths.py): the
 #               numbers that tune the path heuristic, and where its choice is not the fastest
 #   tests       the rest of the test suite (CPU tests, under this machine's torch; not the slow ones)
+#   cpu-bench   the CPU benchmark, quick grid, on all of this machine's cores (16 on the lent H200
+#               machines), 150 s at most: our CPU kernels were tuned and measured on 2 cores only
 # "sanitizer" and "bench" name their three tools and two dtypes.
 #
 # Usage: bash bench/gpu_check.sh [--stages a,b,...] [--deadline SECONDS] [report-folder]
@@ -41,7 +43,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The stages, in order; "sanitizer" and "bench" stand for their tools and dtypes.
-ROWS="build smoke bench-float32 tests-cuda sanitizer-memcheck bench-bfloat16 sanitizer-racecheck sanitizer-synccheck paths tests"
+ROWS="build smoke bench-float32 tests-cuda sanitizer-memcheck bench-bfloat16 sanitizer-racecheck sanitizer-synccheck paths tests cpu-bench"
 ALL_STAGES="$ROWS sanitizer bench"
 STAGES_ARG=all
 DEADLINE=420
@@ -167,7 +169,7 @@ write_summary() {
       echo; echo "ptxas warnings of the latest build (errors in CI):"; echo; echo '```'
       cat "$STATE/build-warnings.txt"; echo '```'
     fi
-    for dtype in float32 bfloat16; do
+    for dtype in float32 bfloat16 cpu; do
       if [ -f "$STATE/$dtype-results.md" ]; then echo; cat "$STATE/$dtype-results.md"; fi
     done
     if [ -f "$STATE/paths/paths.md" ]; then echo; cat "$STATE/paths/paths.md"; fi
@@ -229,6 +231,12 @@ for s in $RUN_STAGES; do
       UNAVAILABLE="Device not supported|is not supported on this|Could not find a supported device" \
       STAGE_CAP=90 stage "$s" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" \
         "${only_ours[@]}" --error-exitcode 3 "$PY" bench/sanitize_case.py --path all --run-only ;;
+    cpu-bench)
+      rm -rf "$STATE/run-cpu"
+      STAGE_CAP=150 stage cpu-bench "$PY" -m bench.run --device cpu --grid quick --out "$STATE/run-cpu"
+      rc=$?
+      publish "$STATE/run-cpu" "cpu-" results.json results.md speedup.png
+      [ $rc -eq 0 ] ;;
     bench-*)
       dtype=${s#bench-}
       rm -rf "$STATE/run-$dtype"
