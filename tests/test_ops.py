@@ -339,13 +339,15 @@ def _contracting(args):
 
 
 @native
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("parts", ["1", "2", "3"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_column_blocks_and_parallel_directions_equal_the_reference(parts, threads, dtype,
                                                                    monkeypatch):
-    """Steps cut into column blocks (FUSED_RNN_CPU_PARTS), run in parallel or not, and the two
-    directions run in parallel (2 threads), against the float64 reference."""
+    """Steps cut into column blocks (FUSED_RNN_CPU_PARTS), run in parallel or not; the two
+    directions run in parallel, single-threaded each (2 threads) or both cut into column blocks in
+    one parallel region (4 threads, on however many cores there are), against the float64
+    reference."""
     monkeypatch.setenv("FUSED_RNN_CPU_PARTS", parts)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -285,9 +285,7 @@ SplitRhs<scalar_t>::SplitRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ld
   }
 }
 
-template <typename scalar_t>
-void SplitRhs<scalar_t>::run_steps(int64_t parts, int64_t steps,
-                                   const std::function<void(int64_t, int64_t)>& f) {
+void run_step_parts(int64_t parts, int64_t steps, const std::function<void(int64_t, int64_t)>& f) {
 #ifdef _OPENMP
   // Every thread of the team runs the same step loop and meets the others at each barrier, so the
   // team size (whatever OpenMP grants) cannot deadlock it. An exception stops the work, not the

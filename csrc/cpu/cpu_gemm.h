@@ -101,6 +101,12 @@ int64_t step_parts(int64_t rows, int64_t n, int64_t k, int64_t threads);
 // Threads available to a recurrence called here: torch's intra-op count, 1 inside a parallel region.
 int64_t recurrence_threads();
 
+// f(i, p) for every step i in [0, steps) and part p in [0, parts): all parts of step i before any of
+// step i + 1, the parts of a step in parallel on torch's intra-op threads. One parallel region for
+// all the steps, a barrier between them (no fork/join per step); inside it ATen calls stay
+// single-threaded. An exception in f stops the work and is rethrown after the region.
+void run_step_parts(int64_t parts, int64_t steps, const std::function<void(int64_t, int64_t)>& f);
+
 // op(B) of a step GEMM cut into column blocks [col0(p), col0(p + 1)), each with its own StepRhs
 // (block edges on multiples of 16 columns). for_each_part(f) calls f(p) for every block, the blocks
 // in parallel on torch's intra-op threads (inside which BLAS runs single-threaded).
@@ -126,20 +132,17 @@ class SplitRhs {
     for_each_step_part(1, [&f](int64_t, int64_t p) { f(p); });
   }
 
-  // f(i, p) for every step i in [0, steps) and block p: all blocks of step i before any of step
-  // i + 1. One parallel region for all the steps, a barrier between them (no fork/join per step).
+  // f(i, p) for every step i in [0, steps) and block p: run_step_parts over this split's blocks.
   template <typename F>
   void for_each_step_part(int64_t steps, const F& f) const {
     if (parts() == 1) {
       for (int64_t i = 0; i < steps; ++i) f(i, int64_t{0});
       return;
     }
-    run_steps(parts(), steps, [&f](int64_t i, int64_t p) { f(i, p); });
+    run_step_parts(parts(), steps, [&f](int64_t i, int64_t p) { f(i, p); });
   }
 
  private:
-  static void run_steps(int64_t parts, int64_t steps,
-                        const std::function<void(int64_t, int64_t)>& f);
   std::vector<std::unique_ptr<StepRhs<scalar_t>>> blocks_;
   std::vector<int64_t> edges_;
 };

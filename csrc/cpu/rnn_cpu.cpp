@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
+#include <memory>
 
 #include "../rnn_layer.h"
 #include "cpu_gemm.h"
@@ -35,107 +37,157 @@ void add_rows(scalar_t* dst, int64_t ldd, const scalar_t* src, int64_t lds, int6
   }
 }
 
-// One direction of the recurrence over out (rows of stride ld, already holding P). h0 and hn are
-// (B, H) contiguous. Each step is cut into `parts` column blocks (SplitRhs), run in parallel: block
-// p of step t needs all of step t − 1 (the GEMM's left side) but only its own columns of step t, so
-// the one synchronisation is the barrier at the end of each step.
+// One direction's recurrence as work for run_directions: step(i, p) for every step i and column
+// block p of w (all blocks of step i before any of step i + 1), then finish(). Block p of step t
+// needs all of step t − 1 (the GEMM's left side) but only its own columns of step t, so the one
+// synchronisation is the barrier at the end of each step.
 template <typename scalar_t>
-void recurrence_forward(scalar_t* out, int64_t ld, const scalar_t* h0, const scalar_t* whh,
-                        const StepSchedule& s, int64_t H, bool reverse, bool relu, scalar_t* hn,
-                        int64_t parts) {
-  const auto& bs = s.bs;
-  const auto& off = s.offset;
+struct DirectionSteps {
+  std::unique_ptr<SplitRhs<scalar_t>> w;
+  std::function<void(int64_t, int64_t)> step;
+  std::function<void()> finish;
+};
+
+// One direction of the forward over out (rows of stride ld, already holding P). h0 and hn are
+// (B, H) contiguous; hn is written from h0 here, the rest as the steps end.
+template <typename scalar_t>
+DirectionSteps<scalar_t> forward_steps(scalar_t* out, int64_t ld, const scalar_t* h0,
+                                       const scalar_t* whh, const StepSchedule& s, int64_t H,
+                                       bool reverse, bool relu, scalar_t* hn, int64_t parts) {
+  const int64_t* bs = s.bs.data();
+  const int64_t* off = s.offset.data();
+  const int64_t steps = s.steps;
   copy_rows(hn, H, h0, H, s.batch, H);
-  const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/true, s.batch, s.rows,
-                             parts);  // · W_hhᵀ
+  DirectionSteps<scalar_t> d;
+  d.w = std::make_unique<SplitRhs<scalar_t>>(whh, H, H, H, /*transpose_b=*/true, s.batch, s.rows,
+                                             parts);  // · W_hhᵀ
+  const SplitRhs<scalar_t>* w = d.w.get();
   if (!reverse) {
-    w.for_each_step_part(s.steps, [&](int64_t t, int64_t p) {
+    d.step = [=](int64_t t, int64_t p) {
       scalar_t* cur = out + off[t] * ld;
       const scalar_t* prev = t == 0 ? h0 : out + off[t - 1] * ld;
-      const int64_t c0 = w.col0(p), n = w.cols(p);
-      w.multiply(p, bs[t], prev, t == 0 ? H : ld, 1, cur, ld);
+      const int64_t c0 = w->col0(p), n = w->cols(p);
+      w->multiply(p, bs[t], prev, t == 0 ? H : ld, 1, cur, ld);
       activate_rows(cur + c0, bs[t], n, ld, relu);
       // Rows [bs[t+1], bs[t]) end here: their state is final.
       copy_rows(hn + bs[t + 1] * H + c0, H, cur + bs[t + 1] * ld + c0, ld, bs[t] - bs[t + 1],
                 n);
-    });
+    };
+    d.finish = [] {};
   } else {
-    w.for_each_step_part(s.steps, [&](int64_t i, int64_t p) {
-      const int64_t t = s.steps - 1 - i;
+    d.step = [=](int64_t i, int64_t p) {
+      const int64_t t = steps - 1 - i;
       scalar_t* cur = out + off[t] * ld;
       const int64_t cont = bs[t + 1];  // rows that came from step t + 1; the rest start from h0
-      w.multiply(p, cont, out + off[t + 1] * ld, ld, 1, cur, ld);
-      w.multiply(p, bs[t] - cont, h0 + cont * H, H, 1, cur + cont * ld, ld);
-      activate_rows(cur + w.col0(p), bs[t], w.cols(p), ld, relu);
-    });
-    if (s.steps > 0) copy_rows(hn, H, out + off[0] * ld, ld, bs[0], H);
+      w->multiply(p, cont, out + off[t + 1] * ld, ld, 1, cur, ld);
+      w->multiply(p, bs[t] - cont, h0 + cont * H, H, 1, cur + cont * ld, ld);
+      activate_rows(cur + w->col0(p), bs[t], w->cols(p), ld, relu);
+    };
+    d.finish = [=] {
+      if (steps > 0) copy_rows(hn, H, out + off[0] * ld, ld, bs[0], H);
+    };
   }
+  return d;
 }
 
 // One direction of BPTT: turns dA (holding dH, rows of stride ld) into the pre-activation gradient in
-// place and, unless dh0 is null, writes dh0 (B, H) (a step's GEMM: the whole cost of a one-step
-// backward's recurrence). dhn and dh0 are (B, H) contiguous; out holds h_t. Column blocks as in the
-// forward.
+// place and, unless dh0 is null, writes dh0 (B, H) in finish() (a step's GEMM: the whole cost of a
+// one-step backward's recurrence). dhn and dh0 are (B, H) contiguous; out holds h_t.
 template <typename scalar_t>
-void recurrence_backward(scalar_t* dA, int64_t ld, const scalar_t* out, const scalar_t* dhn,
-                         const scalar_t* whh, const StepSchedule& s, int64_t H, bool reverse,
-                         bool relu, scalar_t* dh0, int64_t parts) {
-  const auto& bs = s.bs;
-  const auto& off = s.offset;
-  if (s.steps == 0) {
-    if (dh0 != nullptr) copy_rows(dh0, H, dhn, H, s.batch, H);
-    return;
-  }
-  const SplitRhs<scalar_t> w(whh, H, H, H, /*transpose_b=*/false, s.batch, s.rows,
-                             parts);  // · W_hh
+DirectionSteps<scalar_t> backward_steps(scalar_t* dA, int64_t ld, const scalar_t* out,
+                                        const scalar_t* dhn, const scalar_t* whh,
+                                        const StepSchedule& s, int64_t H, bool reverse, bool relu,
+                                        scalar_t* dh0, int64_t parts) {
+  const int64_t* bs = s.bs.data();
+  const int64_t* off = s.offset.data();
+  const int64_t steps = s.steps, batch = s.batch;
+  DirectionSteps<scalar_t> d;
+  d.w = std::make_unique<SplitRhs<scalar_t>>(whh, H, H, H, /*transpose_b=*/false, s.batch, s.rows,
+                                             parts);  // · W_hh
+  const SplitRhs<scalar_t>* w = d.w.get();
   if (!reverse) {
-    w.for_each_step_part(s.steps, [&](int64_t i, int64_t p) {
-      const int64_t t = s.steps - 1 - i;
+    d.step = [=](int64_t i, int64_t p) {
+      const int64_t t = steps - 1 - i;
       scalar_t* cur = dA + off[t] * ld;
       const int64_t cont = bs[t + 1];
-      const int64_t c0 = w.col0(p), n = w.cols(p);
+      const int64_t c0 = w->col0(p), n = w->cols(p);
       add_rows(cur + cont * ld + c0, ld, dhn + cont * H + c0, H, bs[t] - cont, n);
-      w.multiply(p, cont, dA + off[t + 1] * ld, ld, 1, cur, ld);
+      w->multiply(p, cont, dA + off[t + 1] * ld, ld, 1, cur, ld);
       times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
-    });
-    if (dh0 == nullptr) return;
-    w.for_each_part([&](int64_t p) { w.multiply(p, bs[0], dA + off[0] * ld, ld, 0, dh0, H); });
+    };
+    d.finish = [=] {
+      if (dh0 == nullptr) return;
+      if (steps == 0) {
+        copy_rows(dh0, H, dhn, H, batch, H);
+        return;
+      }
+      w->for_each_part([=](int64_t p) { w->multiply(p, bs[0], dA + off[0] * ld, ld, 0, dh0, H); });
+    };
   } else {
-    w.for_each_step_part(s.steps, [&](int64_t t, int64_t p) {
+    d.step = [=](int64_t t, int64_t p) {
       scalar_t* cur = dA + off[t] * ld;
-      const int64_t c0 = w.col0(p), n = w.cols(p);
+      const int64_t c0 = w->col0(p), n = w->cols(p);
       if (t == 0) {
         add_rows(cur + c0, ld, dhn + c0, H, bs[0], n);
       } else {
-        w.multiply(p, bs[t], dA + off[t - 1] * ld, ld, 1, cur, ld);
+        w->multiply(p, bs[t], dA + off[t - 1] * ld, ld, 1, cur, ld);
       }
       times_activation_grad(cur + c0, out + off[t] * ld + c0, bs[t], n, ld, relu);
-    });
+    };
     // Rows [bs[t + 1], bs[t]) of step t started from h0 there (they are final once written).
-    if (dh0 == nullptr) return;
-    w.for_each_part([&](int64_t p) {
-      for (int64_t t = 0; t < s.steps; ++t) {
-        const int64_t cont = bs[t + 1];
-        w.multiply(p, bs[t] - cont, dA + (off[t] + cont) * ld, ld, 0, dh0 + cont * H, H);
+    d.finish = [=] {
+      if (dh0 == nullptr) return;
+      if (steps == 0) {
+        copy_rows(dh0, H, dhn, H, batch, H);
+        return;
       }
-    });
+      w->for_each_part([=](int64_t p) {
+        for (int64_t t = 0; t < steps; ++t) {
+          const int64_t cont = bs[t + 1];
+          w->multiply(p, bs[t] - cont, dA + (off[t] + cont) * ld, ld, 0, dh0 + cont * H, H);
+        }
+      });
+    };
   }
+  return d;
 }
 
-// Runs body(d, parts) for every direction: the two directions in parallel when there are threads
-// for both (each then single-threaded, no per-step synchronisation), else one after the other with
-// each step cut into column blocks.
-template <typename F>
-void for_each_direction(int64_t D, int64_t rows, int64_t H, const F& body) {
+// Runs the recurrence of every direction, make(d, parts) giving direction d's DirectionSteps cut
+// into that many column blocks. One direction: its steps cut into a block per thread where a step
+// is big enough (step_parts). Two directions on two threads: one each, single-threaded, with no
+// synchronisation per step. Two directions on more threads: both in one parallel region, each cut
+// into blocks for half the threads, one barrier per step for all (their step counts are equal).
+template <typename scalar_t, typename Make>
+void run_directions(int64_t D, const StepSchedule& s, int64_t H, const Make& make) {
   const int64_t threads = recurrence_threads();
-  const int64_t parts = step_parts(rows, H, H, threads);
+  const int64_t parts = step_parts(s.batch, H, H, threads);
+  const auto run_alone = [&](int64_t d, int64_t p) {
+    DirectionSteps<scalar_t> work = make(d, p);
+    work.w->for_each_step_part(s.steps, work.step);
+    work.finish();
+  };
   if (D == 2 && threads >= 2 && parts > 1) {
-    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t d = begin; d < end; ++d) body(d, int64_t{1});
+    const int64_t each = threads >= 4 ? step_parts(s.batch, H, H, threads / 2) : 1;
+    if (each <= 1) {
+      at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t d = begin; d < end; ++d) run_alone(d, int64_t{1});
+      });
+      return;
+    }
+    DirectionSteps<scalar_t> first = make(0, each), second = make(1, each);
+    const int64_t split = first.w->parts();
+    run_step_parts(split + second.w->parts(), s.steps, [&](int64_t i, int64_t p) {
+      if (p < split) {
+        first.step(i, p);
+      } else {
+        second.step(i, p - split);
+      }
     });
+    first.finish();
+    second.finish();
     return;
   }
-  for (int64_t d = 0; d < D; ++d) body(d, parts);
+  for (int64_t d = 0; d < D; ++d) run_alone(d, parts);
 }
 
 std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cpu(
@@ -151,11 +203,11 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_forward_cpu(
   const std::vector<at::Tensor> whh = contiguous_w_hh(weights, s);
   const int64_t state = s.schedule.batch * H;  // elements of one direction's h0 and hn
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_forward_cpu", [&] {
-    for_each_direction(D, s.schedule.batch, H, [&](int64_t d, int64_t parts) {
-      recurrence_forward<scalar_t>(out.data_ptr<scalar_t>() + d * H, ld,
-                                   h0.data_ptr<scalar_t>() + d * state, whh[d].data_ptr<scalar_t>(),
-                                   s.schedule, H, d == 1, relu, hn.data_ptr<scalar_t>() + d * state,
-                                   parts);
+    run_directions<scalar_t>(D, s.schedule, H, [&](int64_t d, int64_t parts) {
+      return forward_steps<scalar_t>(out.data_ptr<scalar_t>() + d * H, ld,
+                                     h0.data_ptr<scalar_t>() + d * state,
+                                     whh[d].data_ptr<scalar_t>(), s.schedule, H, d == 1, relu,
+                                     hn.data_ptr<scalar_t>() + d * state, parts);
     });
   });
   std::vector<int64_t> out_sizes = input.sizes().vec();
@@ -179,13 +231,13 @@ LayerGrads layer_backward_cpu(at::Tensor dA, const LayerShape& s, const at::Tens
   const std::vector<at::Tensor> whh = contiguous_w_hh(weights, s);
   const int64_t state = s.schedule.batch * H;  // elements of one direction's dhn and dh0
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu", [&] {
-    for_each_direction(D, s.schedule.batch, H, [&](int64_t d, int64_t parts) {
-      recurrence_backward<scalar_t>(dA.data_ptr<scalar_t>() + d * H, ld,
-                                    out.data_ptr<scalar_t>() + d * H,
-                                    dhn.data_ptr<scalar_t>() + d * state,
-                                    whh[d].data_ptr<scalar_t>(), s.schedule, H, d == 1, relu,
-                                    need_hx ? dh0.data_ptr<scalar_t>() + d * state : nullptr,
-                                    parts);
+    run_directions<scalar_t>(D, s.schedule, H, [&](int64_t d, int64_t parts) {
+      return backward_steps<scalar_t>(dA.data_ptr<scalar_t>() + d * H, ld,
+                                      out.data_ptr<scalar_t>() + d * H,
+                                      dhn.data_ptr<scalar_t>() + d * state,
+                                      whh[d].data_ptr<scalar_t>(), s.schedule, H, d == 1, relu,
+                                      need_hx ? dh0.data_ptr<scalar_t>() + d * state : nullptr,
+                                      parts);
     });
   });
   dhn = at::Tensor();
