@@ -154,9 +154,10 @@ DirectionSteps<scalar_t> backward_steps(scalar_t* dA, int64_t ld, const scalar_t
 
 // Runs the recurrence of every direction, make(d, parts) giving direction d's DirectionSteps cut
 // into that many column blocks. One direction: its steps cut into a block per thread where a step
-// is big enough (step_parts). Two directions on two threads: one each, single-threaded, with no
-// synchronisation per step. Two directions on more threads: both in one parallel region, each cut
-// into blocks for half the threads, one barrier per step for all (their step counts are equal).
+// is big enough (step_parts). Two directions, where a step is big enough to split: on four threads
+// or more, both in one parallel region, each cut into blocks for half the threads (step_parts
+// again), one barrier per step for all (their step counts are equal); else one thread each,
+// single-threaded, with no synchronisation per step.
 template <typename scalar_t, typename Make>
 void run_directions(int64_t D, const StepSchedule& s, int64_t H, const Make& make) {
   const int64_t threads = recurrence_threads();
