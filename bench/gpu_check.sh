@@ -21,6 +21,7 @@
 #   tests       the rest of the test suite (CPU tests, under this machine's torch; not the slow ones)
 #   cpu-bench   the CPU benchmark, quick grid, on all of this machine's cores (16 on the lent H200
 #               machines), 150 s at most: our CPU kernels were tuned and measured on 2 cores only
+#               ($GPU_CHECK_CPU_BENCH_ARGS replaces "--grid quick": tests run it on one shape)
 # "sanitizer" and "bench" name their three tools and two dtypes.
 #
 # Usage: bash bench/gpu_check.sh [--stages a,b,...] [--deadline SECONDS] [report-folder]
@@ -233,7 +234,9 @@ for s in $RUN_STAGES; do
         "${only_ours[@]}" --error-exitcode 3 "$PY" bench/sanitize_case.py --path all --run-only ;;
     cpu-bench)
       rm -rf "$STATE/run-cpu"
-      STAGE_CAP=150 stage cpu-bench "$PY" -m bench.run --device cpu --grid quick --out "$STATE/run-cpu"
+      # Unquoted on purpose: the variable holds several arguments.
+      STAGE_CAP=150 stage cpu-bench "$PY" -m bench.run --device cpu \
+        ${GPU_CHECK_CPU_BENCH_ARGS:---grid quick} --out "$STATE/run-cpu"
       rc=$?
       publish "$STATE/run-cpu" "cpu-" results.json results.md speedup.png
       [ $rc -eq 0 ] ;;

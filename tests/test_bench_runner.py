@@ -295,6 +295,23 @@ def test_gpu_check_tells_a_refused_sanitizer_from_a_finding(tmp_path, says, want
     assert want in (tmp_path / "report" / "summary.md").read_text()
 
 
+def test_gpu_check_cpu_bench_stage_reports_the_cpu_run(tmp_path):
+    """The last stage times our CPU kernels on the device machine's cores: its report reaches the
+    summary and results.tar.gz (here on one small shape)."""
+    import tarfile
+
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STATE=str(tmp_path / "state"),
+               GPU_CHECK_CPU_BENCH_ARGS="--shapes 8x2x32 --layers 1 --bidirectional no --reps 1")
+    res = _run(["bash", "bench/gpu_check.sh", "--stages", "cpu-bench", str(tmp_path / "report")],
+               env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "| cpu-bench | pass |" in summary and "| T8-B2-H32-L1-uni |" in summary
+    with tarfile.open(tmp_path / "report" / "results.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"./cpu-results.json", "./cpu-results.md", "./cpu-speedup.png"} <= names
+
+
 def test_gpu_check_runs_every_test_file_with_cuda_tests():
     """tests-cuda names its files (to run test_cuda.py first): every test module is among them,
     once, but the two CPU-only ones that CI runs."""
