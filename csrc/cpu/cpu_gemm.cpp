@@ -368,9 +368,10 @@ bool small_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 void sequence_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                    const at::Tensor& bias) {
   const int64_t m = a.size(0), k = b.size(0), n = b.size(1);
-  if (m < min_packing_rows() && small_gemm(out, a, b, bias)) return;
+  const bool short_rows = m < min_packing_rows();  // too few rows to pay for packing b
+  if (short_rows && small_gemm(out, a, b, bias)) return;
   // b is [k × n] row-major (unit column stride) or the transpose of a row-major [n × k].
-  const bool fits = panels_pay(m) && out.scalar_type() == at::kFloat &&
+  const bool fits = !short_rows && panel_gemm_available() && out.scalar_type() == at::kFloat &&
                     a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
                     (b.stride(1) == 1 || b.stride(0) == 1) && (a.stride(1) == 1 || k <= 1) &&
                     (out.stride(1) == 1 || n <= 1);

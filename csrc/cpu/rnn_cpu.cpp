@@ -105,6 +105,13 @@ DirectionSteps<scalar_t> backward_steps(scalar_t* dA, int64_t ld, const scalar_t
   d.w = std::make_unique<SplitRhs<scalar_t>>(whh, H, H, H, /*transpose_b=*/false, s.batch, s.rows,
                                              parts);  // · W_hh
   const SplitRhs<scalar_t>* w = d.w.get();
+  if (steps == 0) {  // nothing to run: the gradient of h0 is that of h_n
+    d.step = [](int64_t, int64_t) {};
+    d.finish = [=] {
+      if (dh0 != nullptr) copy_rows(dh0, H, dhn, H, batch, H);
+    };
+    return d;
+  }
   if (!reverse) {
     d.step = [=](int64_t i, int64_t p) {
       const int64_t t = steps - 1 - i;
@@ -117,10 +124,6 @@ DirectionSteps<scalar_t> backward_steps(scalar_t* dA, int64_t ld, const scalar_t
     };
     d.finish = [=] {
       if (dh0 == nullptr) return;
-      if (steps == 0) {
-        copy_rows(dh0, H, dhn, H, batch, H);
-        return;
-      }
       w->for_each_part([=](int64_t p) { w->multiply(p, bs[0], dA + off[0] * ld, ld, 0, dh0, H); });
     };
   } else {
@@ -137,10 +140,6 @@ DirectionSteps<scalar_t> backward_steps(scalar_t* dA, int64_t ld, const scalar_t
     // Rows [bs[t + 1], bs[t]) of step t started from h0 there (they are final once written).
     d.finish = [=] {
       if (dh0 == nullptr) return;
-      if (steps == 0) {
-        copy_rows(dh0, H, dhn, H, batch, H);
-        return;
-      }
       w->for_each_part([=](int64_t p) {
         for (int64_t t = 0; t < steps; ++t) {
           const int64_t cont = bs[t + 1];
