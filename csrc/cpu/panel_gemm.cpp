@@ -186,17 +186,6 @@ FUSED_RNN_AVX2 inline void tile_avx2(int64_t k, const float* a, int64_t lda, con
                                      int64_t ldp, Addend add, float* c, int64_t ldc,
                                      int64_t cols) {
   static_assert(NV % 2 == 0, "whole panels");
-  // The tile's lines of C, which the epilogue reads (beta = 1) or writes after the k loop, are
-  // requested now, so that they arrive during it: in the recurrence C is cold (a step's rows of
-  // the projection, or of dA in BPTT, last touched long before), and the epilogue waited on each
-  // miss. (A prefetch past the matrix's end, for a partial last tile, does not fault.) On the
-  // 2-core AVX2 machine, T = 64 forward, interleaved A/B, 31 runs each: 1.000–1.047× faster over
-  // six shapes (B 4–64, H 128–1024), the recurrence alone 1.00–1.09×.
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + NV * 8 - 1), _MM_HINT_T0);
-  }
   __m256 acc[MR][NV];
   for (int r = 0; r < MR; ++r) {
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
