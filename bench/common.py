@@ -38,6 +38,12 @@ class Shape:
             flops += 2.0 * self.T * self.B * (isize * self.H + self.H * self.H) * d
         return flops
 
+    def forward_backward_flops(self) -> float:
+        """Forward and backward with the input requiring grad: 3× the forward's, as each of its two
+        products per layer and direction (X · W_ihᵀ, the steps' h · W_hhᵀ) has two of the same size
+        in the backward (dX and dW_ih; dh and dW_hh)."""
+        return 3.0 * self.forward_flops()
+
 
 def make_models(shape: Shape, device: str, dtype: torch.dtype, seed: int = 0):
     """nn.RNN and fused_rnn.RNN with identical weights (input_size = H)."""

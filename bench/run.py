@@ -97,6 +97,8 @@ def measure(shape: Shape, device: str, dtype: torch.dtype, reps: int, warmup: in
         "speedup_forward": fwd_ref / fwd_fused,
         "speedup_forward_backward": fb_ref / fb_fused,
         "fused_forward_gflops": shape.forward_flops() / fwd_fused / 1e9,
+        "forward_backward_gflops": {"nn.RNN": shape.forward_backward_flops() / fb_ref / 1e9,
+                                    "fused_rnn": shape.forward_backward_flops() / fb_fused / 1e9},
         **({"gemm_gflops": gemm[1] / gemm_s[0] / 1e9} if beside else {}),
         "peak_memory_bytes": {"nn.RNN": mem_ref, "fused_rnn": mem_fused},
         "max_abs_diff": diff, "tolerance": tol, "correct": bool(correct), **judged,
@@ -125,6 +127,13 @@ def summarize(rows: List[Dict], gemm: float, device: str) -> Dict:
             if any("gemm_gflops" in r for r in large):
                 s["gemm_gflops_beside_large"] = {"median": statistics.median(rates),
                                                  "min": min(rates), "max": max(rates)}
+            # Forward+backward against the same rate, both sides (their ratio is the speedup):
+            # how far each is from the GEMM it is bound by (reports from before: absent).
+            if all("forward_backward_gflops" in r for r in large):
+                for who, key in (("fused_rnn", "large_forward_backward_fraction_of_gemm"),
+                                 ("nn.RNN", "large_forward_backward_fraction_of_gemm_nn_rnn")):
+                    f = [r["forward_backward_gflops"][who] / rate for r, rate in zip(large, rates)]
+                    s[key] = {"median": statistics.median(f), "min": min(f), "max": max(f)}
     return s
 
 
@@ -197,6 +206,13 @@ def markdown(report: Dict) -> str:
                      f"{fr['median'] * 100:.0f}% of the GEMM rate"
                      + (" timed beside it" if beside else "")
                      + f", min {fr['min'] * 100:.0f}%.")
+    if "large_forward_backward_fraction_of_gemm" in s:
+        ours = s["large_forward_backward_fraction_of_gemm"]
+        ref = s["large_forward_backward_fraction_of_gemm_nn_rnn"]
+        lines.append(f"Forward+backward on large shapes (3× the forward's work), against the same "
+                     f"rate: fused median {ours['median'] * 100:.0f}% (min "
+                     f"{ours['min'] * 100:.0f}%), nn.RNN median {ref['median'] * 100:.0f}% (max "
+                     f"{ref['max'] * 100:.0f}%).")
     return "\n".join(lines) + "\n"
 
 

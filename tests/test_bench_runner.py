@@ -109,12 +109,24 @@ def test_large_shapes_are_judged_against_the_gemm_rate_timed_beside_them():
     large = bench_run.measure(Shape(2, 32, 512), "cpu", torch.float32, 1, 0, gemm)
     small = bench_run.measure(Shape(2, 8, 512), "cpu", torch.float32, 1, 0, gemm)
     assert large["gemm_gflops"] > 0 and "gemm_gflops" not in small
-    rows = [dict(large, fused_forward_gflops=2.0, gemm_gflops=4.0),
-            dict(large, H=1024, fused_forward_gflops=3.0, gemm_gflops=3.0), small]
+    shape = Shape(2, 32, 512)
+    fb = large["forward_backward_gflops"]
+    assert fb["fused_rnn"] == pytest.approx(
+        shape.forward_backward_flops() / large["forward_backward_s"]["fused_rnn"] / 1e9)
+    assert fb["nn.RNN"] == pytest.approx(
+        3 * shape.forward_flops() / large["forward_backward_s"]["nn.RNN"] / 1e9)
+    rows = [dict(large, fused_forward_gflops=2.0, gemm_gflops=4.0,
+                 forward_backward_gflops={"nn.RNN": 2.0, "fused_rnn": 3.0}),
+            dict(large, H=1024, fused_forward_gflops=3.0, gemm_gflops=3.0,
+                 forward_backward_gflops={"nn.RNN": 1.5, "fused_rnn": 3.3}), small]
     s = bench_run.summarize(rows, 100.0, "cpu")
     assert s["gemm_gflops"] == 100.0
     assert s["large_forward_fraction_of_gemm"] == {"median": 0.75, "min": 0.5}
     assert s["gemm_gflops_beside_large"] == {"median": 3.5, "min": 3.0, "max": 4.0}
+    assert s["large_forward_backward_fraction_of_gemm"] == pytest.approx(
+        {"median": 0.925, "min": 0.75, "max": 1.1})
+    assert s["large_forward_backward_fraction_of_gemm_nn_rnn"] == pytest.approx(
+        {"median": 0.5, "min": 0.5, "max": 0.5})
     # A report from before the rate was timed beside each shape: the rate at the start.
     old = [{k: v for k, v in r.items() if k != "gemm_gflops"} for r in rows]
     assert bench_run.summarize(old, 4.0, "cpu")["large_forward_fraction_of_gemm"]["min"] == 0.5
@@ -123,6 +135,7 @@ def test_large_shapes_are_judged_against_the_gemm_rate_timed_beside_them():
     md = bench_run.markdown({"meta": meta, "rows": rows, "summary": s})
     assert "timed interleaved with each large shape's forward: median 4 (3–4) GFLOP/s" in md
     assert "median 75% of the GEMM rate timed beside it, min 50%" in md
+    assert "fused median 92% (min 75%), nn.RNN median 50% (max 50%)" in md
 
 
 def test_runner_keeps_a_partial_report_when_cut_short(tmp_path, monkeypatch):
