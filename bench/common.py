@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import os
 import statistics
 import subprocess
+import sys
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -128,6 +131,24 @@ def forward_backward_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], objec
     return run
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 goes to /dev/null inside. torch's profiler (kineto), which the runner
+    uses to see what nn.RNN ran and to replay allocations, prints lines from C++ at every session
+    ('USDT: ... profiler_start', '... profiler_stop', and on a CUDA build without a GPU an ERROR
+    on the device count), which would land between the progress bar's updates. An exception
+    still propagates; its traceback is printed after fd 2 is back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
     """Peak bytes allocated by torch during fn, above what was allocated before it.
 
@@ -143,7 +164,8 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                            profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -164,7 +186,8 @@ def nn_rnn_implementation(model: nn.Module, x: torch.Tensor) -> str:
     dtype allow it), or "ATen" (its own loop of ATen ops)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof, \
+            torch.no_grad():
         model(x)
     names = {e.name for e in prof.events()}
     return next((v for k, v in NN_RNN_IMPLEMENTATIONS.items() if k in names), "ATen")

@@ -369,6 +369,19 @@ def test_readme_results_table_is_the_committed_report():
             assert speedup_table(json.load(f)) in readme, folder
 
 
+def test_memory_measurement_keeps_the_profilers_lines_off_stderr():
+    """The CPU peak-memory replay runs torch's profiler, whose C++ side prints lines to stderr at
+    every session ('USDT: ... profiler_start'): four per shape, between the progress bar's
+    updates. peak_memory_bytes keeps them off, and still measures."""
+    code = ("import torch; from bench.common import peak_memory_bytes; x = torch.randn(8, 8); "
+            "print(peak_memory_bytes(lambda: x @ x, 'cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 8 * 8 * 4
+    assert "USDT" not in out.stderr and "profiler_st" not in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("shape", [(64, 1, 64, 1, False), (64, 8, 64, 2, True),
                                    (64, 1, 256, 1, True), (4, 8, 256, 2, True)],
                          ids=lambda s: "T{}-B{}-H{}-L{}-{}".format(*s[:4], "bi" if s[4] else "uni"))
