@@ -405,9 +405,10 @@ def test_avx2_kernel_is_running():
     assert _ops._C.cpu_panel_isa() == os.environ["FUSED_RNN_EXPECT_ISA"]
 
 
-def _disassembly(library, symbol):
-    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--disassemble={symbol}", library],
-                         capture_output=True, text=True, timeout=120)
+def _disassembly(library, *options):
+    """objdump's disassembly of the library (options: e.g. one symbol, or demangled names)."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", *options, library],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -434,18 +435,16 @@ def test_multiversioned_loops_are_vectorised():
     assert len(clones) == 14, clones
     for symbol in clones:
         register = "%zmm" if symbol.endswith("v4") else "%ymm"
-        assert register in _disassembly(library, symbol), f"{symbol} has no {register} instruction"
+        assert register in _disassembly(library, f"--disassemble={symbol}"), \
+            f"{symbol} has no {register} instruction"
 
 
 def _fma_loops(library, name_pattern):
     """The innermost loops (a backward jump and the instructions it spans, holding no other) that
     contain an FMA, in every function of the library whose demangled name matches name_pattern:
     (function, loop's instructions)."""
-    out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", library],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
     functions, name = {}, None
-    for line in out.stdout.splitlines():
+    for line in _disassembly(library, "-C").splitlines():
         head = re.match(r"^([0-9a-f]+) <(.*)>:$", line)
         if head:
             name = head.group(2) if re.search(name_pattern, head.group(2)) else None
