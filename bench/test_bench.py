@@ -18,7 +18,7 @@ from bench.common import Shape, forward_backward_fn, forward_fn, make_input, mak
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = ([Shape(64, 1, 64), Shape(64, 8, 256), Shape(64, 32, 512), Shape(64, 8, 256, 2, True),
-           Shape(1, 1, 256), Shape(1, 8, 512, 2)]
+           Shape(1, 1, 256), Shape(1, 8, 512, 2), Shape(1, 64, 512)]
           if DEVICE == "cpu" else
           [Shape(512, 1, 256), Shape(512, 64, 512), Shape(512, 256, 1024), Shape(1, 64, 512, 2)])
 if DEVICE == "cuda":  # full float32 on both sides, as bench.run measures by default

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
-# The CPU GEMMs pack their right side only for sequences of 64 rows or more (cpu_gemm.h): the tests'
-# small shapes would otherwise never reach the panel kernel. Packing from one row keeps them on it;
-# the default threshold has its own tests (test_ops.py), which set this variable themselves.
+# The CPU GEMMs pack their right side only for input projections of 64 rows or more and for steps
+# of sequences of 8 steps or more (cpu_gemm.h): the tests' small shapes would otherwise never reach
+# the panel kernel. Packing from one row and one step keeps them on it; the default thresholds have
+# their own tests (test_ops.py), which set these variables themselves.
 os.environ.setdefault("FUSED_RNN_CPU_MIN_PACK_ROWS", "1")
+os.environ.setdefault("FUSED_RNN_CPU_MIN_PACK_STEPS", "1")
 
 import fused_rnn  # noqa: E402
 

@@ -673,27 +673,40 @@ def test_blas_step_paths_keep_parity():
 
 @native
 def test_short_sequences_do_not_pack():
-    """Below 64 rows in all (T · B), packing W (panels, or MKL's format) costs more than it saves, so
-    those sequences take the plain GEMMs: by default, and as FUSED_RNN_CPU_MIN_PACK_ROWS moves the
-    threshold, read at every call. Parity holds on the plain path for one-step calls (a decoder's)
-    and a step-by-step loop matches the whole sequence."""
+    """A layer's step GEMMs pack W_hh only for sequences of 8 steps or more (rows in all over a
+    step's rows), whatever the batch: one step of 64 rows does not pack, eight of 8 rows do. The
+    input projection packs from 64 rows. Both by default, and as FUSED_RNN_CPU_MIN_PACK_STEPS and
+    _ROWS move the thresholds, read at every call. Parity holds on the plain path for one-step
+    calls (a decoder's) and a step-by-step loop matches the whole sequence."""
     code = """
         import os, torch, fused_rnn
         from conftest import make_pair, make_input, run_and_grad, assert_close
-        os.environ.pop("FUSED_RNN_CPU_MIN_PACK_ROWS")  # conftest's setting for the other tests
+        # conftest's settings for the other tests
+        os.environ.pop("FUSED_RNN_CPU_MIN_PACK_ROWS")
+        os.environ.pop("FUSED_RNN_CPU_MIN_PACK_STEPS")
         C = fused_rnn._ops._C
         assert C.cpu_min_packing_rows() == 64
-        plain = C.cpu_step_kernel(8, 512, 512, 63)
-        assert plain == C.cpu_gemm_path(), plain
-        assert C.cpu_step_kernel(8, 512, 512, 64) == C.cpu_step_kernel(8, 512, 512)
         os.environ["FUSED_RNN_CPU_MIN_PACK_ROWS"] = "1000"
-        assert C.cpu_min_packing_rows() == 1000 and C.cpu_step_kernel(8, 512, 512, 999) == plain
-        os.environ["FUSED_RNN_CPU_MIN_PACK_ROWS"] = "1"
-        assert C.cpu_step_kernel(8, 512, 512, 1) == C.cpu_step_kernel(8, 512, 512)
+        assert C.cpu_min_packing_rows() == 1000
         del os.environ["FUSED_RNN_CPU_MIN_PACK_ROWS"]
+        packed, plain = C.cpu_step_kernel(8, 512, 512), C.cpu_gemm_path()
+        assert C.cpu_step_kernel(8, 512, 512, 63) == plain  # 7 steps of 8 rows
+        assert C.cpu_step_kernel(8, 512, 512, 64) == packed  # 8 steps
+        assert C.cpu_step_kernel(64, 512, 512, 64) == plain  # one step of 64 rows
+        assert C.cpu_step_kernel(64, 512, 512, 511) == plain
+        assert C.cpu_step_kernel(64, 512, 512, 512) == packed
+        assert C.cpu_step_kernel(8, 512, 512, 0) == plain  # no steps
+        os.environ["FUSED_RNN_CPU_MIN_PACK_STEPS"] = "1000"
+        assert C.cpu_step_kernel(8, 512, 512, 8 * 999) == plain
+        assert C.cpu_step_kernel(8, 512, 512, 8 * 1000) == packed
+        os.environ["FUSED_RNN_CPU_MIN_PACK_STEPS"] = "1"
+        assert C.cpu_step_kernel(8, 512, 512, 8) == packed
+        del os.environ["FUSED_RNN_CPU_MIN_PACK_STEPS"]
         g = torch.Generator().manual_seed(3)
+        # (2, 40, ...): the projection packed (80 rows), the steps not.
         for T, B, H, layers, bi in [(1, 8, 512, 2, False), (1, 1, 300, 1, True),
-                                    (3, 5, 64, 1, False)]:
+                                    (3, 5, 64, 1, False), (1, 64, 256, 1, False),
+                                    (2, 40, 128, 1, True)]:
             ref, fused = make_pair(H, H, layers, "tanh", True, False, 0.0, bi, dtype=torch.float32)
             x, leaves = make_input("padded", False, T, B, H, dtype=torch.float32, device="cpu",
                                    gen=g)
@@ -718,6 +731,34 @@ def test_short_sequences_do_not_pack():
     res = _run_python(code)
     assert res.returncode == 0, res.stderr
     assert "short ok" in res.stdout
+
+
+@native
+@pytest.mark.skipif(_ops._C is not None and _ops._C.cpu_step_kernel(8, 512, 512) != "panel",
+                    reason="no panel kernel on this CPU (its packing is what is counted)")
+def test_layers_pack_w_hh_by_their_step_count(monkeypatch):
+    """The forward packs W_hh into panels (allocations from torch's allocator, as the profiler sees
+    them) for a sequence of 8 steps and not for one step of a batch of 63: the layer passes the
+    step's rows and the sequence's rows to the rule that test_short_sequences_do_not_pack checks.
+    (Both projections stay below 64 rows, so W_ih is not packed.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.delenv("FUSED_RNN_CPU_MIN_PACK_ROWS")
+    monkeypatch.delenv("FUSED_RNN_CPU_MIN_PACK_STEPS")
+    H = 512
+    weights = [torch.randn(H, H) / H**0.5, torch.randn(H, H) / H**0.5]
+
+    def big_allocations(T, B):
+        x, h0 = torch.randn(T, B, H), torch.zeros(1, B, H)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            torch.ops.fused_rnn.rnn_layer_forward(x, h0, weights, None, False, False)
+        sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        # The output is at most 64 · H floats (128 KiB); W_hh's panels, in one block per thread,
+        # H · H floats (1 MiB) in all.
+        return sum(n for n in sizes if n > 64 * H * 4)
+
+    assert big_allocations(1, 63) == 0
+    assert big_allocations(8, 7) == H * H * 4
 
 
 @native

@@ -161,26 +161,37 @@ at::Tensor packed_panels(const float* b, int64_t n, int64_t k, int64_t ldb, bool
   return panels;
 }
 
+// A count from the environment variable `name`, read at every call (tests switch these within one
+// process): fallback where it is unset or empty, negative values as 0.
+int64_t env_count(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v == nullptr || *v == '\0' ? fallback : std::max<int64_t>(0, std::atoll(v));
+}
+
 }  // namespace
 
-int64_t min_packing_rows() {
-  const char* v = std::getenv("FUSED_RNN_CPU_MIN_PACK_ROWS");
-  return v == nullptr || *v == '\0' ? kMinPackingRows : std::max<int64_t>(0, std::atoll(v));
+int64_t min_packing_rows() { return env_count("FUSED_RNN_CPU_MIN_PACK_ROWS", kMinPackingRows); }
+
+int64_t min_packing_steps() { return env_count("FUSED_RNN_CPU_MIN_PACK_STEPS", kMinPackingSteps); }
+
+bool step_packing_pays(int64_t rows, int64_t total_rows) {
+  return total_rows / std::max<int64_t>(rows, 1) >= min_packing_steps();
 }
 
 namespace {
-bool panels_pay(int64_t total_rows) {
-  return panel_gemm_available() && total_rows >= min_packing_rows();
+bool panels_pay(int64_t rows, int64_t total_rows) {
+  return panel_gemm_available() && step_packing_pays(rows, total_rows);
 }
 }  // namespace
 
 bool float_step_packed(int64_t rows, int64_t n, int64_t k, int64_t total_rows) {
   return fits_int(n) && fits_int(k) && fits_int(rows) && rows >= kMinPackedRows &&
-         n * k >= kMinPackedElements && total_rows >= min_packing_rows() && packing_available();
+         n * k >= kMinPackedElements && step_packing_pays(rows, total_rows) &&
+         packing_available();
 }
 
 const char* float_step_kernel(int64_t rows, int64_t n, int64_t k, int64_t total_rows) {
-  if (panels_pay(total_rows)) return "panel";
+  if (panels_pay(rows, total_rows)) return "panel";
   return float_step_packed(rows, n, k, total_rows) ? "packed" : gemm_path();
 }
 
@@ -193,7 +204,7 @@ template <>
 StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b,
                         int64_t rows, int64_t total_rows)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {
-  if (panels_pay(total_rows)) {
+  if (panels_pay(rows, total_rows)) {
     panels_ = packed_panels(b, n, k, ldb, transpose_b);
     return;
   }
@@ -246,10 +257,7 @@ int64_t max_column_blocks(int64_t n) {
 }
 
 // Read at every layer call (not cached), so that tests can switch it within one process.
-int64_t forced_parts() {
-  const char* v = std::getenv("FUSED_RNN_CPU_PARTS");
-  return v == nullptr ? int64_t{0} : std::max<int64_t>(0, std::atoll(v));
-}
+int64_t forced_parts() { return env_count("FUSED_RNN_CPU_PARTS", 0); }
 }  // namespace
 
 int64_t step_parts(int64_t rows, int64_t n, int64_t k, int64_t threads) {

@@ -41,20 +41,34 @@ constexpr int64_t kMinPackedRows = 4;
 // 1.2 ms plain, B 4 H 512 3.5 vs 2.6, B 64 H 64 1.0 vs 0.8; B 8 H 1024, 2^19 per block, equal).
 constexpr int64_t kMinPackedElements = int64_t{1} << 18;
 
-// Packing op(B) (into panels or MKL's format) reads and writes all of it once; it pays only when
-// enough rows of A are multiplied by it in all (T · B for a layer's steps, the sequence's rows for
-// its input projection). Below kMinPackingRows such rows both take the plain path. Measured with
-// torch 2.14.1 on 2 EPYC (Zen 3) cores, one forward layer, no_grad: H = 1024, B = 1, T = 1, 0.34 ms
-// plain against 2.1 ms packed; the two interleaved in one process, plain over packed time at 32
-// rows 0.62–0.88 (H 256–1024, B 8 T 4 and B 32 T 1), at 64 rows 0.82–1.08 (H 256–1024, B 8 T 8;
-// H 512, B 32 T 2), and at B 1, T 16, H 1024 1.21 in one run, 0.84 in another. A decoder calling
-// the RNN one step at a time is the case this serves. FUSED_RNN_CPU_MIN_PACK_ROWS=n sets the
-// threshold (read at every call; the tests pack from 1 row so that small shapes reach the kernels).
+// Packing op(B) (into panels or MKL's format) reads and writes all of it once, so it pays only when
+// the packed copy is used enough. A layer's step GEMMs use theirs once a step: they pack when the
+// sequence has kMinPackingSteps steps or more (total_rows / rows, its rows in all over those of a
+// step: T for padded input). Counted in steps, not rows: a step GEMM of 64 rows packed for one step
+// lost to the plain one, one of 4 rows packed for 8 steps won. Measured with torch 2.14.1 on 2 EPYC
+// (Zen 3) cores, one layer, H 256–1024, interleaved in one process, plain over packed time of the
+// steps (forward no_grad; forward+backward): T 1–2, B 16–64, 0.86–1.03; 0.83–1.00; T 4–6, B 16–64,
+// 0.90–1.18; 0.81–1.06 (medians 1.00); T 8, B 4–64, 0.96–1.56 (median 1.06); 0.92–1.17 (1.01);
+// T 8–32, B 1–4, medians 1.15–1.46; 1.04–1.31. FUSED_RNN_CPU_MIN_PACK_STEPS=n sets the
+// threshold (read at every call; the tests pack from 1 step so that short sequences reach the
+// kernels). A decoder calling the RNN one step at a time is what the threshold serves. MKL's packed
+// format (where the panel kernel does not run) follows the same rule: with the panel kernel off,
+// T 1 and 4 at H 1024 ran in 0.49–0.70 of the packed time plain.
+constexpr int64_t kMinPackingSteps = 8;
+int64_t min_packing_steps();
+// Whether a step GEMM whose A has `rows` rows in most steps, total_rows in all, packs its op(B).
+bool step_packing_pays(int64_t rows, int64_t total_rows);
+
+// A layer's input projection uses its packed W_ih once, for all T · B rows: packed from
+// kMinPackingRows rows, below that one direct BLAS call (sequence_gemm). Packed or not measured
+// alike from 64 rows on (T 1–12, B 4–64, H 256–1024: 0.88–1.06); below it the direct call saves
+// ATen's fixed costs (H = 1024, B = 1, T = 1, 0.34 ms a forward where packing took 2.1 ms).
+// FUSED_RNN_CPU_MIN_PACK_ROWS=n sets the threshold (read at every call).
 constexpr int64_t kMinPackingRows = 64;
 int64_t min_packing_rows();
 
 // Whether a float32 StepRhs for these sizes (rows packed for, op(B) n × k, total_rows multiplied
-// by it in all) is packed by MKL.
+// by it in all) is packed by MKL (where the panel kernel does not run).
 bool float_step_packed(int64_t rows, int64_t n, int64_t k, int64_t total_rows);
 
 // The kernel a float32 StepRhs for these sizes runs: "panel" (panel_gemm.h, wherever it is
