@@ -151,6 +151,22 @@ def test_long_packed_sequences_input_gradient_in_blocks(input_size):
         assert_close(a, b, torch.float64)
 
 
+def test_wide_layer_input_gradient_in_blocks_of_64_rows():
+    """D·H ≥ 512: dX over dA's storage in blocks of 64 rows (150 rows: 64, 64, 22), input narrower
+    than D·H and as wide; every gradient equals nn.RNN's."""
+    for input_size in (100, 512):
+        ref, fused = make_pair(input_size, 256, 1, dtype=torch.float64, bidirectional=True)
+        x = torch.randn(3, 50, input_size, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(4)).requires_grad_()
+        outs = []
+        for m in (ref, fused):
+            out, hn = m(x)
+            loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum() + hn.sum()
+            outs.append(torch.autograd.grad(loss, [x] + list(m.parameters())))
+        for a, b in zip(outs[1], outs[0]):
+            assert_close(a, b, torch.float64)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_and_transposed_hidden_states_and_batch_first_views(device):
     ref, fused = make_pair(4, 5, 2, dtype=torch.float64, device=device, batch_first=True)
