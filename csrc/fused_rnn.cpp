@@ -54,15 +54,15 @@ PyObject* cpu_step_parts(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(fused_rnn::cpu::step_parts(rows, n, k, threads));
 }
 
-// cpu_step_kernel(rows, n, k[, total_rows]): the kernel of a float32 CPU step GEMM ("panel",
-// "packed", "blas", "aten") over a sequence of total_rows rows in all (default: enough to pack).
+// cpu_step_kernel(rows, n, k[, steps]): the kernel of a float32 CPU step GEMM ("panel", "packed",
+// "blas", "aten") in a sequence of that many steps (default: enough to pack).
 PyObject* cpu_step_kernel(PyObject*, PyObject* args) {
-  long long rows, n, k, total_rows = std::numeric_limits<long long>::max();
-  if (!PyArg_ParseTuple(args, "LLL|L", &rows, &n, &k, &total_rows)) return nullptr;
-  return PyUnicode_FromString(fused_rnn::cpu::float_step_kernel(rows, n, k, total_rows));
+  long long rows, n, k, steps = std::numeric_limits<long long>::max();
+  if (!PyArg_ParseTuple(args, "LLL|L", &rows, &n, &k, &steps)) return nullptr;
+  return PyUnicode_FromString(fused_rnn::cpu::float_step_kernel(rows, n, k, steps));
 }
 
-// cpu_min_packing_rows(): the rows below which the CPU GEMMs do not pack their right side.
+// cpu_min_packing_rows(): the rows below which the CPU input projection does not pack W_ih.
 PyObject* cpu_min_packing_rows(PyObject*, PyObject*) {
   return PyLong_FromLongLong(fused_rnn::cpu::min_packing_rows());
 }
@@ -212,10 +212,10 @@ PyMethodDef methods[] = {
     {"cpu_step_parts", cpu_step_parts, METH_VARARGS,
      "How many column blocks (threads) a CPU step GEMM of rows x n (inner k) is cut into."},
     {"cpu_step_kernel", cpu_step_kernel, METH_VARARGS,
-     "The kernel of a float32 CPU step GEMM (rows x n, inner k; total_rows over the sequence, "
+     "The kernel of a float32 CPU step GEMM (rows x n, inner k; in a sequence of `steps` steps, "
      "default enough to pack): 'panel', 'packed', 'blas' or 'aten'."},
     {"cpu_min_packing_rows", cpu_min_packing_rows, METH_NOARGS,
-     "Rows of a sequence below which the CPU GEMMs do not pack their right side."},
+     "Rows of a sequence below which the CPU input projection does not pack W_ih."},
     {"cpu_panel_isa", cpu_panel_isa, METH_NOARGS,
      "The CPU panel kernel's instruction set in this process: 'avx512', 'avx2' or '' (none)."},
     {"has_cuda_kernels", has_cuda_kernels, METH_NOARGS,

@@ -673,8 +673,8 @@ def test_blas_step_paths_keep_parity():
 
 @native
 def test_short_sequences_do_not_pack():
-    """A layer's step GEMMs pack W_hh only for sequences of 8 steps or more (rows in all over a
-    step's rows), whatever the batch: one step of 64 rows does not pack, eight of 8 rows do. The
+    """A layer's step GEMMs pack W_hh only for sequences of 8 steps or more, whatever the batch:
+    one step of 64 rows does not pack, eight of 8 rows do. The
     input projection packs from 64 rows. Both by default, and as FUSED_RNN_CPU_MIN_PACK_STEPS and
     _ROWS move the thresholds, read at every call. Parity holds on the plain path for one-step
     calls (a decoder's) and a step-by-step loop matches the whole sequence."""
@@ -690,17 +690,15 @@ def test_short_sequences_do_not_pack():
         assert C.cpu_min_packing_rows() == 1000
         del os.environ["FUSED_RNN_CPU_MIN_PACK_ROWS"]
         packed, plain = C.cpu_step_kernel(8, 512, 512), C.cpu_gemm_path()
-        assert C.cpu_step_kernel(8, 512, 512, 63) == plain  # 7 steps of 8 rows
-        assert C.cpu_step_kernel(8, 512, 512, 64) == packed  # 8 steps
-        assert C.cpu_step_kernel(64, 512, 512, 64) == plain  # one step of 64 rows
-        assert C.cpu_step_kernel(64, 512, 512, 511) == plain
-        assert C.cpu_step_kernel(64, 512, 512, 512) == packed
+        assert C.cpu_step_kernel(8, 512, 512, 7) == plain
+        assert C.cpu_step_kernel(8, 512, 512, 8) == packed
+        assert C.cpu_step_kernel(64, 512, 512, 1) == plain  # one step of 64 rows
         assert C.cpu_step_kernel(8, 512, 512, 0) == plain  # no steps
         os.environ["FUSED_RNN_CPU_MIN_PACK_STEPS"] = "1000"
-        assert C.cpu_step_kernel(8, 512, 512, 8 * 999) == plain
-        assert C.cpu_step_kernel(8, 512, 512, 8 * 1000) == packed
+        assert C.cpu_step_kernel(8, 512, 512, 999) == plain
+        assert C.cpu_step_kernel(8, 512, 512, 1000) == packed
         os.environ["FUSED_RNN_CPU_MIN_PACK_STEPS"] = "1"
-        assert C.cpu_step_kernel(8, 512, 512, 8) == packed
+        assert C.cpu_step_kernel(8, 512, 512, 1) == packed
         del os.environ["FUSED_RNN_CPU_MIN_PACK_STEPS"]
         g = torch.Generator().manual_seed(3)
         # (2, 40, ...): the projection packed (80 rows), the steps not.
@@ -738,9 +736,10 @@ def test_short_sequences_do_not_pack():
                     reason="no panel kernel on this CPU (its packing is what is counted)")
 def test_layers_pack_w_hh_by_their_step_count(monkeypatch):
     """The forward packs W_hh into panels (allocations from torch's allocator, as the profiler sees
-    them) for a sequence of 8 steps and not for one step of a batch of 63: the layer passes the
-    step's rows and the sequence's rows to the rule that test_short_sequences_do_not_pack checks.
-    (Both projections stay below 64 rows, so W_ih is not packed.)"""
+    them) for a sequence of 8 steps, padded or packed (one sequence of 8 steps and 40 of one:
+    48 rows, 8 steps), and not for one step of a batch of 63 or 7 steps of 7: the layer passes its
+    step count to the rule that test_short_sequences_do_not_pack checks. (The projections stay
+    below 64 rows, so W_ih is not packed.)"""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.delenv("FUSED_RNN_CPU_MIN_PACK_ROWS")
@@ -748,17 +747,22 @@ def test_layers_pack_w_hh_by_their_step_count(monkeypatch):
     H = 512
     weights = [torch.randn(H, H) / H**0.5, torch.randn(H, H) / H**0.5]
 
-    def big_allocations(T, B):
-        x, h0 = torch.randn(T, B, H), torch.zeros(1, B, H)
+    def big_allocations(T, B, lengths=None):
+        x, h0, batch_sizes = torch.randn(T, B, H), torch.zeros(1, B, H), None
+        if lengths is not None:  # packed: the rows of each step, longest sequence first
+            batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+            x, h0 = torch.randn(sum(lengths), H), torch.zeros(1, len(lengths), H)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            torch.ops.fused_rnn.rnn_layer_forward(x, h0, weights, None, False, False)
+            torch.ops.fused_rnn.rnn_layer_forward(x, h0, weights, batch_sizes, False, False)
         sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
         # The output is at most 64 · H floats (128 KiB); W_hh's panels, in one block per thread,
         # H · H floats (1 MiB) in all.
         return sum(n for n in sizes if n > 64 * H * 4)
 
     assert big_allocations(1, 63) == 0
+    assert big_allocations(7, 7) == 0
     assert big_allocations(8, 7) == H * H * 4
+    assert big_allocations(8, 41, [8] + [1] * 40) == H * H * 4
 
 
 @native

@@ -174,41 +174,37 @@ int64_t min_packing_rows() { return env_count("FUSED_RNN_CPU_MIN_PACK_ROWS", kMi
 
 int64_t min_packing_steps() { return env_count("FUSED_RNN_CPU_MIN_PACK_STEPS", kMinPackingSteps); }
 
-bool step_packing_pays(int64_t rows, int64_t total_rows) {
-  return total_rows / std::max<int64_t>(rows, 1) >= min_packing_steps();
-}
+bool step_packing_pays(int64_t steps) { return steps >= min_packing_steps(); }
 
 namespace {
-bool panels_pay(int64_t rows, int64_t total_rows) {
-  return panel_gemm_available() && step_packing_pays(rows, total_rows);
-}
+bool panels_pay(int64_t steps) { return panel_gemm_available() && step_packing_pays(steps); }
 }  // namespace
 
-bool float_step_packed(int64_t rows, int64_t n, int64_t k, int64_t total_rows) {
+bool float_step_packed(int64_t rows, int64_t n, int64_t k, int64_t steps) {
   return fits_int(n) && fits_int(k) && fits_int(rows) && rows >= kMinPackedRows &&
-         n * k >= kMinPackedElements && step_packing_pays(rows, total_rows) &&
+         n * k >= kMinPackedElements && step_packing_pays(steps) &&
          packing_available();
 }
 
-const char* float_step_kernel(int64_t rows, int64_t n, int64_t k, int64_t total_rows) {
-  if (panels_pay(rows, total_rows)) return "panel";
-  return float_step_packed(rows, n, k, total_rows) ? "packed" : gemm_path();
+const char* float_step_kernel(int64_t rows, int64_t n, int64_t k, int64_t steps) {
+  if (panels_pay(steps)) return "panel";
+  return float_step_packed(rows, n, k, steps) ? "packed" : gemm_path();
 }
 
 template <typename scalar_t>
 StepRhs<scalar_t>::StepRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb,
-                           bool transpose_b, int64_t rows, int64_t /*total_rows*/)
+                           bool transpose_b, int64_t rows, int64_t /*steps*/)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {}
 
 template <>
 StepRhs<float>::StepRhs(const float* b, int64_t n, int64_t k, int64_t ldb, bool transpose_b,
-                        int64_t rows, int64_t total_rows)
+                        int64_t rows, int64_t steps)
     : b_(b), n_(n), k_(k), ldb_(ldb), rows_(rows), transpose_b_(transpose_b) {
-  if (panels_pay(rows, total_rows)) {
+  if (panels_pay(steps)) {
     panels_ = packed_panels(b, n, k, ldb, transpose_b);
     return;
   }
-  if (!fits_int(ldb) || !float_step_packed(rows, n, k, total_rows)) return;
+  if (!fits_int(ldb) || !float_step_packed(rows, n, k, steps)) return;
   const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(rows),
                                                  static_cast<int>(n), static_cast<int>(k));
   packed_ = static_cast<float*>(std::malloc(bytes));
@@ -277,7 +273,7 @@ int64_t recurrence_threads() {
 
 template <typename scalar_t>
 SplitRhs<scalar_t>::SplitRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ldb,
-                             bool transpose_b, int64_t rows, int64_t total_rows, int64_t parts) {
+                             bool transpose_b, int64_t rows, int64_t steps, int64_t parts) {
   parts = std::max<int64_t>(1, std::min(parts, max_column_blocks(n)));
   // Equal blocks rounded to kColumnAlign columns; the last takes the rest.
   const int64_t per = (n / parts + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
@@ -289,7 +285,7 @@ SplitRhs<scalar_t>::SplitRhs(const scalar_t* b, int64_t n, int64_t k, int64_t ld
     const int64_t c0 = edges_[p];
     const scalar_t* block = transpose_b ? b + c0 * ldb : b + c0;
     blocks_.push_back(std::make_unique<StepRhs<scalar_t>>(block, edges_[p + 1] - c0, k, ldb,
-                                                          transpose_b, rows, total_rows));
+                                                          transpose_b, rows, steps));
   }
 }
 

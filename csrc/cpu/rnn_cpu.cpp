@@ -59,7 +59,7 @@ DirectionSteps<scalar_t> forward_steps(scalar_t* out, int64_t ld, const scalar_t
   const int64_t steps = s.steps;
   copy_rows(hn, H, h0, H, s.batch, H);
   DirectionSteps<scalar_t> d;
-  d.w = std::make_unique<SplitRhs<scalar_t>>(whh, H, H, H, /*transpose_b=*/true, s.batch, s.rows,
+  d.w = std::make_unique<SplitRhs<scalar_t>>(whh, H, H, H, /*transpose_b=*/true, s.batch, s.steps,
                                              parts);  // · W_hhᵀ
   const SplitRhs<scalar_t>* w = d.w.get();
   if (!reverse) {
@@ -102,7 +102,7 @@ DirectionSteps<scalar_t> backward_steps(scalar_t* dA, int64_t ld, const scalar_t
   const int64_t* off = s.offset.data();
   const int64_t steps = s.steps, batch = s.batch;
   DirectionSteps<scalar_t> d;
-  d.w = std::make_unique<SplitRhs<scalar_t>>(whh, H, H, H, /*transpose_b=*/false, s.batch, s.rows,
+  d.w = std::make_unique<SplitRhs<scalar_t>>(whh, H, H, H, /*transpose_b=*/false, s.batch, s.steps,
                                              parts);  // · W_hh
   const SplitRhs<scalar_t>* w = d.w.get();
   if (steps == 0) {  // nothing to run: the gradient of h0 is that of h_n
