@@ -1,8 +1,9 @@
 """CUDA kernels against nn.RNN (cuDNN) and a float64 reference, on every path. Skip without a GPU.
 
-float32 is compared with TF32 off on both sides (conftest); float16/bfloat16 are judged by the
-reference's own error: ours against a float64 reference must be at most 2× cuDNN's on the same
-inputs.
+float32 is compared with TF32 off (conftest), against nn.RNN run in float64 on the same inputs
+(conftest.reference_grad: cuDNN's own float32 tanh is further from the truth than the 1e-5 bound);
+float16/bfloat16 are judged by the reference's own error: ours against a float64 reference must be
+at most 3× cuDNN's on the same inputs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 import fused_rnn
 from fused_rnn import _ops
 
-from conftest import TOL, assert_close, make_input, make_pair, requires_cuda, run_and_grad
+from conftest import (TOL, assert_close, make_input, make_pair, reference_grad, requires_cuda,
+                      run_and_grad)
 
 # The tests' own logic (tolerances, what is compared with what) can be checked without a GPU:
 # FUSED_RNN_CUDA_TESTS_ON=cpu runs them on the CPU kernels, with H100's limits standing in for the
@@ -81,7 +83,7 @@ def test_parity_every_path(path, case, dtype):
     d = 2 if bidirectional else 1
     shape = (layers * d, 33) if kind == "unbatched" else (layers * d, 5, 33)
     h0 = torch.randn(*shape, dtype=dtype, generator=gen).to(DEV).requires_grad_()
-    o_ref, h_ref, g_ref = run_and_grad(ref, x, leaves, h0)
+    o_ref, h_ref, g_ref = reference_grad(ref, x, leaves, h0)
     o, h, g = run_and_grad(fused, x, leaves, h0)
     _assert_ran(path)  # no silent fallback
     assert_close(o, o_ref, dtype, "output")
@@ -192,7 +194,7 @@ def test_odd_sizes_every_path(path, hidden, batch, kind):
     x, leaves = _input(kind, 5, batch, 6, torch.float64, gen)
     h0 = torch.randn(4, batch, hidden, dtype=torch.float64, generator=gen).to(DEV)
     h0.requires_grad_()
-    want = run_and_grad(ref, x, leaves, h0)
+    want = reference_grad(ref, x, leaves, h0)
     got = run_and_grad(fused, x, leaves, h0)
     _assert_ran(path)
     _assert_all_close(got, want, torch.float64)
@@ -205,7 +207,7 @@ def test_one_step_every_path(path, kind):
     gen = torch.Generator().manual_seed(1)
     x, leaves = _input(kind, 1, 5, 4, torch.float64, gen)
     h0 = torch.randn(4, 5, 33, dtype=torch.float64, generator=gen).to(DEV).requires_grad_()
-    want = run_and_grad(ref, x, leaves, h0)
+    want = reference_grad(ref, x, leaves, h0)
     got = run_and_grad(fused, x, leaves, h0)
     _assert_ran(path)
     _assert_all_close(got, want, torch.float64)
@@ -218,7 +220,7 @@ def test_empty_batch_every_path(path):
     fused.to(DEV)
     x = torch.randn(3, 0, 4, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(4, 0, 5, dtype=torch.float64, requires_grad=True)
-    want = run_and_grad(ref, x, [x], h0)
+    want = reference_grad(ref, x, [x], h0)
     xd, h0d = (t.detach().to(DEV).requires_grad_() for t in (x, h0))
     got = run_and_grad(fused, xd, [xd], h0d)
     got = tuple(t.cpu() for t in got[:2]) + ([t.cpu() for t in got[2]],)
@@ -240,7 +242,7 @@ def test_empty_batch_every_path(path):
 def test_auto_path_is_the_device_plan(hidden, batch, dtype, want):
     ref, fused = make_pair(8, hidden, 1, dtype=dtype, device=DEV)
     x = torch.randn(3, batch, 8, dtype=dtype, device=DEV, requires_grad=True)
-    expected = run_and_grad(ref, x, [x], None)
+    expected = reference_grad(ref, x, [x], None)
     got = run_and_grad(fused, x, [x], None)
     fwd, bwd = (_device_plan(hidden, batch, 1, dtype, backward) for backward in (False, True))
     _assert_ran(fwd["path"], bwd["path"], (fwd["rows_per_block"], bwd["rows_per_block"]))
@@ -270,7 +272,7 @@ def test_persistent_kernel_variants(rows, dtype, kind):
     gen = torch.Generator().manual_seed(rows)
     x, leaves = _input(kind, steps, batch, 6, dtype, gen)
     h0 = torch.randn(4, batch, 100, dtype=dtype, generator=gen).to(DEV).requires_grad_()
-    want = run_and_grad(ref, x, leaves, h0)
+    want = reference_grad(ref, x, leaves, h0)
     with _ops.cuda_path("persistent"), _ops.persistent_rows(rows):
         got = run_and_grad(fused, x, leaves, h0)
     _assert_ran("persistent", rows=(rows, rows))
@@ -463,7 +465,7 @@ def test_second_device_under_another_current_device():
     x = torch.randn(7, 5, 8, dtype=torch.float64, device="cuda:1", requires_grad=True)
     with torch.cuda.device(0):
         got = run_and_grad(fused, x, [x], None)
-    want = run_and_grad(ref, x, [x], None)
+    want = reference_grad(ref, x, [x], None)
     assert got[0].device == torch.device("cuda:1")
     _assert_all_close(got, want, torch.float64)
 
