@@ -123,6 +123,30 @@ def compiler_has_openmp() -> bool:
             return False
 
 
+def loaded_libstdcxx():
+    """The path of the libstdc++ shared library this process (importing torch) has loaded, or None
+    (not Linux, or none loaded)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so"):
+                    return path
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+# Link the libstdc++ that torch runs on, by its path, ahead of whatever the compiler links itself: a
+# compiler that links libstdc++ statically (seen on a GPU machine, 2026-11-30: /opt/gcc/bin/g++ left
+# no libstdc++ dependency in the extension) gives the extension a second copy of it beside torch's,
+# whose streams then find no number formatting in the process's locale: every error message with a
+# number in it crashed the process (SIGSEGV) there, or was cut short at its first number here
+# (-static-libstdc++ reproduces that). Where the compiler links it dynamically this names the same
+# library. tests/test_ops.py checks an op's error message keeps its numbers.
+if sys.platform.startswith("linux") and loaded_libstdcxx():
+    link_flags.append(loaded_libstdcxx())
+
 if (sys.platform.startswith("linux") and torch.backends.openmp.is_available()
         and compiler_has_openmp()):
     # ATen's at::parallel_for is inlined into our code and runs serially unless we compile with

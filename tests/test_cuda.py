@@ -447,7 +447,12 @@ def test_bidirectional_cublas_steps_leave_no_memory_behind():
         out, hn = fused(x)
         (out.sum() + hn.sum()).backward()
 
+    # Growth is what a stream per call would show. The first GPU run (H200, torch 2.11) measured
+    # memory after the 40 calls 37,888 bytes *below* the baseline taken after one call: the size of
+    # the parameters' gradients (why was not established there). The baseline is now taken after
+    # two calls, and only growth fails.
     with _ops.cuda_path("per_step_cublas"):
+        once()
         once()
         _assert_ran("per_step_cublas")
         torch.cuda.synchronize()
@@ -455,7 +460,7 @@ def test_bidirectional_cublas_steps_leave_no_memory_behind():
         for _ in range(40):
             once()
         torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == before
+    assert torch.cuda.memory_allocated() <= before
 
 
 @gpu_only

@@ -672,6 +672,21 @@ def test_blas_step_paths_keep_parity():
 
 
 @native
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_op_errors_keep_their_numbers(device):
+    """An argument check's message, numbers and all, reaches Python as a RuntimeError. Built
+    against a second, static copy of libstdc++ (a compiler that links it statically), the
+    extension's streams found no number formatting: the message stopped at its first number here
+    and the process died (SIGSEGV) on a GPU machine; setup.py links torch's own libstdc++."""
+    w = [torch.randn(5, 3, device=device), torch.randn(5, 5, device=device)]
+    with pytest.raises(RuntimeError, match=re.escape(
+            "hx.size(1) (3) must equal the input's batch size input.size(1) (4)")):
+        torch.ops.fused_rnn.rnn_layer_forward(torch.randn(2, 4, 3, device=device),
+                                              torch.randn(1, 3, 5, device=device), w, None,
+                                              False, False)
+
+
+@native
 def test_short_sequences_do_not_pack():
     """A layer's step GEMMs pack W_hh only for sequences of 8 steps or more, whatever the batch:
     one step of 64 rows does not pack, eight of 8 rows do. The
