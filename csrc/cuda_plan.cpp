@@ -82,7 +82,9 @@ Path choose_path(int64_t hidden, int64_t batch, int64_t directions, int64_t elem
     *config = *plan;
     return Path::kPersistent;
   }
-  if (plan.has_value() && batch <= kPersistentMaxBatch) {
+  // batch · hidden without overflow: hidden > 0 here whenever a plan exists.
+  if (plan.has_value() && batch <= kPersistentMaxBatch &&
+      batch <= kPersistentMaxStepElements / hidden) {
     *config = *plan;
     return Path::kPersistent;
   }

@@ -52,9 +52,16 @@ constexpr int64_t persistent_static_smem(int64_t rows, int64_t elem_bytes) {
 constexpr int64_t kPersistentRowChoices[] = {8, 16, 32};
 // Shared memory the runtime reserves per resident block (1 KiB on sm_80 and sm_90).
 constexpr int64_t kReservedSmemPerBlock = 1024;
-// Above this batch the per-step path's GEMM tiles use the chip better than the persistent kernel's
-// one-warp-per-row dot products (a starting point; tune with the benchmark on a GPU).
+// Above this batch, or above kPersistentMaxStepElements elements (batch · hidden) per step and
+// direction, the per-step path's GEMMs use the chip better than the persistent kernel's
+// one-warp-per-row dot products, whose time grows with the batch. Measured on an H200 (torch 2.11,
+// T 256, one direction, B 1-256 × H 128-2048, bench/results/gpu-2026-11-30/paths.md): with both
+// limits auto's choice is the fastest path, or within 10% of it, in all 120 cases (30 shapes ×
+// float32, bfloat16 × forward, forward+backward) but one (bfloat16 B 128 H 512 forward, 14% off);
+// with the batch limit alone it was 1.1-3.0x slower than the fastest in 13 of them (3.0x:
+// bfloat16 B 128 H 2048 forward).
 constexpr int64_t kPersistentMaxBatch = 128;
+constexpr int64_t kPersistentMaxStepElements = int64_t{1} << 16;
 
 // Registers per thread of the persistent kernel for R = 8, 16, 32 (cudaFuncGetAttributes; 0 =
 // unknown, then only shared memory and threads limit the blocks per SM).
