@@ -46,15 +46,16 @@ constexpr int64_t kMinPackedElements = int64_t{1} << 18;
 // sequence has kMinPackingSteps steps or more (T; for packed input, its longest sequence). Counted
 // in steps, not rows: a step GEMM of 64 rows packed for one step lost to the plain one, one of 4
 // rows packed for 8 steps won, and a packed batch of one long sequence and many short ones ran
-// 1.21–1.42x faster packed (64, 32, 40 and 100 steps of 85–162 rows in all, H 256–1024). Measured with torch 2.14.1 on 2 EPYC
-// (Zen 3) cores, one layer, H 256–1024, interleaved in one process, plain over packed time of the
-// steps (forward no_grad; forward+backward): T 1–2, B 16–64, 0.86–1.03; 0.83–1.00; T 4–6, B 16–64,
-// 0.90–1.18; 0.81–1.06 (medians 1.00); T 8, B 4–64, 0.96–1.56 (median 1.06); 0.92–1.17 (1.01);
-// T 8–32, B 1–4, medians 1.15–1.46; 1.04–1.31. FUSED_RNN_CPU_MIN_PACK_STEPS=n sets the
-// threshold (read at every call; the tests pack from 1 step so that short sequences reach the
-// kernels). A decoder calling the RNN one step at a time is what the threshold serves. MKL's packed
-// format (where the panel kernel does not run) follows the same rule: with the panel kernel off,
-// T 1 and 4 at H 1024 ran in 0.49–0.70 of the packed time plain.
+// 1.21–1.42x faster packed (64, 32, 40 and 100 steps of 85–162 rows in all, H 256–1024).
+// Measured with torch 2.14.1 on 2 EPYC (Zen 3) cores, one layer, H 256–1024, interleaved in one
+// process, plain over packed time of the steps (forward no_grad; forward+backward): T 1–2,
+// B 16–64, 0.86–1.03; 0.83–1.00; T 4–6, B 16–64, 0.90–1.18; 0.81–1.06 (medians 1.00); T 8,
+// B 4–64, 0.96–1.56 (median 1.06); 0.92–1.17 (1.01); T 8–32, B 1–4, medians 1.15–1.46; 1.04–1.31.
+// FUSED_RNN_CPU_MIN_PACK_STEPS=n sets the threshold (read at every call; the tests pack from 1
+// step so that short sequences reach the kernels). A decoder calling the RNN one step at a time
+// is what the threshold serves. MKL's packed format (where the panel kernel does not run) follows
+// the same rule: with the panel kernel off, T 1 and 4 at H 1024 ran in 0.49–0.70 of the packed
+// time plain.
 constexpr int64_t kMinPackingSteps = 8;
 int64_t min_packing_steps();
 // Whether the step GEMMs of a sequence of `steps` steps pack their op(B).
