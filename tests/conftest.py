@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -102,8 +103,6 @@ def reference_grad(ref, x, leaves, h0, seed=123):
     p = next(ref.parameters())
     if p.dtype != torch.float32 or p.device.type != "cuda":
         return run_and_grad(ref, x, leaves, h0, seed)
-    import copy
-
     ref64 = copy.deepcopy(ref).double()
     if isinstance(x, PackedSequence):
         x64 = PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
