@@ -144,8 +144,9 @@ def loaded_libstdcxx():
 # number in it crashed the process (SIGSEGV) there, or was cut short at its first number here
 # (-static-libstdc++ reproduces that). Where the compiler links it dynamically this names the same
 # library. tests/test_ops.py checks an op's error message keeps its numbers.
-if sys.platform.startswith("linux") and loaded_libstdcxx():
-    link_flags.append(loaded_libstdcxx())
+libstdcxx = loaded_libstdcxx()
+if libstdcxx:
+    link_flags.append(libstdcxx)
 
 if (sys.platform.startswith("linux") and torch.backends.openmp.is_available()
         and compiler_has_openmp()):

@@ -76,14 +76,21 @@ def output_tensor(out):
     return out.data if isinstance(out, PackedSequence) else out
 
 
-def run_and_grad(module, x, leaves, h0, seed=123):
-    """Forward, then gradients of a random linear functional of (output, h_n) w.r.t. everything."""
+def run_and_grad(module, x, leaves, h0, seed=123, functional_dtype=None):
+    """Forward, then gradients of a random linear functional of (output, h_n) w.r.t. everything
+    (h0 may be a tensor computed from a leaf: its gradient is then that tensor's). The functional
+    is rounded to functional_dtype first where given (a float64 run standing in for a float32 one
+    gets the float32 run's functional)."""
     out, hn = module(x, h0) if h0 is not None else module(x)
     o = output_tensor(out)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    # Drawn in float64 and cast, so that runs in different dtypes get the same functional.
-    go = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, o.dtype)
-    gh = torch.randn(hn.shape, generator=g, dtype=torch.float64).to(hn.device, hn.dtype)
+
+    def functional(shape, like):
+        # Drawn in float64 and cast, so that runs in different dtypes get the same functional.
+        f = torch.randn(shape, generator=g, dtype=torch.float64)
+        return f.to(functional_dtype or like.dtype).to(like.device, like.dtype)
+
+    go, gh = functional(o.shape, o), functional(hn.shape, hn)
     loss = (o * go).sum() + (hn * gh).sum()
     wrt = [p for p in module.parameters()]
     inputs = list(leaves) + ([h0] if h0 is not None else [])
@@ -108,15 +115,8 @@ def reference_grad(ref, x, leaves, h0, seed=123):
         x64 = PackedSequence(x.data.double(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
     else:
         x64 = x.double()
-    out, hn = ref64(x64, h0.double()) if h0 is not None else ref64(x64)
-    o = output_tensor(out)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    # run_and_grad's functional, as a float32 run gets it (drawn in float64, cast).
-    go = torch.randn(o.shape, generator=g, dtype=torch.float64).float().double().to(o.device)
-    gh = torch.randn(hn.shape, generator=g, dtype=torch.float64).float().double().to(hn.device)
-    loss = (o * go).sum() + (hn * gh).sum()
-    inputs = list(leaves) + ([h0] if h0 is not None else [])
-    grads = torch.autograd.grad(loss, inputs + list(ref64.parameters()), retain_graph=True)
+    o, hn, grads = run_and_grad(ref64, x64, leaves, None if h0 is None else h0.double(), seed,
+                                functional_dtype=torch.float32)
     return o.float(), hn.float(), tuple(t.float() for t in grads)
 
 
